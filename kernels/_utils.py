@@ -1,0 +1,76 @@
+"""Small helpers shared by the kernel files: where Triton can run, input checks, dtype policy."""
+import functools
+import os
+
+import torch
+import triton.language as tl
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def interpreting():
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1).
+
+    Triton reads the variable when a kernel is decorated, so it must be set before `kernels` is
+    imported; tests/conftest.py does that on machines without CUDA.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false")
+
+
+def triton_runs_on(device):
+    """Whether this process can launch the project's Triton kernels on tensors of `device`."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and not interpreting()
+    return device.type == "cpu" and interpreting()
+
+
+def check_tensor(name, t, min_ndim=0, dtypes=FLOAT_DTYPES):
+    """Raise TypeError/ValueError naming `name` unless t is a tensor of an allowed dtype and rank."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {str(t.dtype).replace('torch.', '')}")
+    if t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(t.shape)}")
+
+
+def check_device(tensors):
+    """Raise ValueError unless all named tensors share one device on which Triton can run.
+
+    `tensors` maps argument names to tensors (None entries are skipped); the first one sets the
+    device the others must match.
+    """
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                             "all inputs must be on one device")
+    if not triton_runs_on(first.device):
+        raise ValueError(f"{first_name} is on {first.device}, where Triton cannot run here: use CUDA "
+                         "tensors, or set TRITON_INTERPRET=1 before importing kernels to run on CPU")
+
+
+def needs_grad(*inputs):
+    """Whether autograd will want gradients of any of the inputs (non-tensors are ignored)."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+
+
+def acc_dtype(dtype):
+    """The accumulation dtype for inputs of `dtype`: fp64 stays fp64 (for gradcheck), else fp32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_programs_for(device):
+    """How many persistent programs fill the device: its SM count on CUDA, a handful in the interpreter."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4

@@ -1,0 +1,219 @@
+"""Fused LayerNorm over the last dimension, forward and backward.
+
+Forward: each program normalises a tile of BLOCK_M rows held whole in registers (one read of x, one
+write of y): mean and variance in fp32, y = (x - mean) * rstd * w + b. mean and rstd are saved (fp32)
+only when a gradient will be needed.
+Backward: a fixed grid of persistent programs walks contiguous chunks of rows, writes dx for each row
+and keeps its own fp32 partial sums of dw and db; one torch sum over the partials finishes them. No
+float atomics, so repeated backward passes are bitwise equal.
+
+Limits: C <= 16384 (a row must fit in one program's registers); fp16, bf16, fp32 and fp64 inputs
+(fp64 computes in fp64, for gradcheck). Under torch.autocast the op is left alone: it already
+computes in fp32 and returns x's dtype (CUDA autocast would run PyTorch's layer_norm in fp32 and
+return fp32; CPU autocast keeps x's dtype, as here).
+"""
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from ._utils import FLOAT_DTYPES, acc_dtype, check_device, check_tensor, needs_grad, num_programs_for
+
+MAX_C = 16384
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X, W, B, Y, Mean, Rstd,
+    stride_xm, stride_xc, stride_ym,
+    M, C, eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, STORE_STATS: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_C)
+    row_mask = rows < M
+    col_mask = cols < C
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)  # rows * stride can pass 2**31
+
+    x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :] * stride_xc, mask=mask, other=0.0)
+    x = x.to(ACC)
+    mean = tl.sum(x, axis=1) / C
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+    y = xc * rstd[:, None]
+    if HAS_W:
+        y = y * tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+    if HAS_B:
+        y = y + tl.load(B + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+    tl.store(Y + rows64[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    if STORE_STATS:
+        tl.store(Mean + rows, mean, mask=row_mask)
+        tl.store(Rstd + rows, rstd, mask=row_mask)
+
+
+# With xhat = (x - mean) * rstd and g = dy * w (g = dy without weight), per row over its C features:
+#   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+#   dw = sum over rows of dy * xhat,   db = sum over rows of dy
+# Program p owns rows [p * ROWS_PER_PROG, (p + 1) * ROWS_PER_PROG) and writes its column sums of
+# dy * xhat and dy to row p of DWp and DBp.
+@triton.jit
+def _layer_norm_bwd_kernel(
+    X, W, DY, DX, Mean, Rstd, DWp, DBp,
+    stride_xm, stride_xc, stride_dym, stride_dyc, stride_dxm,
+    M, C, ROWS_PER_PROG,
+    HAS_W: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    if HAS_W:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)
+    dw_acc = tl.zeros((BLOCK_C,), dtype=ACC)
+    db_acc = tl.zeros((BLOCK_C,), dtype=ACC)
+    row_start = pid * ROWS_PER_PROG
+    row_end = tl.minimum(row_start + ROWS_PER_PROG, M)
+    for start in range(row_start, row_end, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)
+        x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :] * stride_xc, mask=mask, other=0.0)
+        dy = tl.load(DY + rows64[:, None] * stride_dym + cols[None, :] * stride_dyc, mask=mask, other=0.0)
+        dy = dy.to(ACC)
+        mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+        xhat = tl.where(mask, (x.to(ACC) - mean[:, None]) * rstd[:, None], 0.0)
+        if NEED_DX:
+            g = dy
+            if HAS_W:
+                g = dy * w[None, :]
+            mean_g = tl.sum(g, axis=1) / C
+            mean_gx = tl.sum(g * xhat, axis=1) / C
+            dx = (g - mean_g[:, None] - xhat * mean_gx[:, None]) * rstd[:, None]
+            tl.store(DX + rows64[:, None] * stride_dxm + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if NEED_DW:
+            dw_acc += tl.sum(dy * xhat, axis=0)
+        if NEED_DB:
+            db_acc += tl.sum(dy, axis=0)
+    if NEED_DW:
+        tl.store(DWp + pid * C + cols, dw_acc, mask=col_mask)
+    if NEED_DB:
+        tl.store(DBp + pid * C + cols, db_acc, mask=col_mask)
+
+
+def _block_sizes(C):
+    """Whole rows in registers; about 4096 elements per program, so small C gets several rows.
+
+    Returns (BLOCK_M, BLOCK_C, num_warps); num_warps grows with the tile to keep about 16 fp32
+    values per thread.
+    """
+    block_c = triton.next_power_of_2(C)
+    block_m = max(1, min(16, 4096 // block_c))
+    num_warps = min(16, max(4, block_m * block_c // 512))
+    return block_m, block_c, num_warps
+
+
+def _check_inputs(x, weight, bias, eps):
+    check_tensor("x", x, min_ndim=1)
+    C = x.shape[-1]
+    if C == 0 or C > MAX_C:
+        raise ValueError(f"x's last dimension (C) must be in [1, {MAX_C}], got {C}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        check_tensor(name, p, dtypes=FLOAT_DTYPES)
+        if tuple(p.shape) != (C,):
+            raise ValueError(f"{name} must have shape ({C},) to match x's last dimension, got {tuple(p.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+    check_device({"x": x, "weight": weight, "bias": bias})
+
+
+def _layer_norm_fwd(x, weight, bias, eps, store_stats):
+    """Returns y (x's shape and dtype) and, when store_stats, mean and rstd (one per row, fp32)."""
+    _check_inputs(x, weight, bias, eps)
+    C = x.shape[-1]
+    x2 = x.reshape(-1, C)  # a view whenever x's layout allows; the kernel takes both strides
+    M = x2.shape[0]
+    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = torch.empty((M, C), dtype=x.dtype, device=x.device)
+    mean = rstd = None
+    if store_stats:
+        mean = torch.empty(M, dtype=stat_dtype, device=x.device)
+        rstd = torch.empty(M, dtype=stat_dtype, device=x.device)
+    if M > 0:
+        block_m, block_c, num_warps = _block_sizes(C)
+        _layer_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
+            x2, weight, bias, y, mean, rstd,
+            x2.stride(0), x2.stride(1), y.stride(0),
+            M, C, float(eps),
+            HAS_W=weight is not None, HAS_B=bias is not None, STORE_STATS=store_stats,
+            ACC=acc_dtype(x.dtype), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+        )
+    return y.view(x.shape), mean, rstd
+
+
+def _layer_norm_bwd(dy, x, weight, mean, rstd, need_dx, need_dw, need_db):
+    """Returns (dx, dw_fp32, db_fp32); entries not needed are None. dw, db are summed in fp32."""
+    C = x.shape[-1]
+    x2 = x.reshape(-1, C)
+    dy2 = dy.reshape(-1, C)
+    M = x2.shape[0]
+    block_m, block_c, num_warps = _block_sizes(C)
+    # Enough programs to fill the device, each owning a whole number of row tiles.
+    tiles = triton.cdiv(M, block_m)
+    programs = max(1, min(tiles, 2 * num_programs_for(x.device)))
+    rows_per_prog = triton.cdiv(tiles, programs) * block_m
+    programs = triton.cdiv(M, rows_per_prog) if M > 0 else 1
+    dx = torch.empty((M, C), dtype=x.dtype, device=x.device) if need_dx else None
+    partial = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dw_part = torch.zeros((programs, C), dtype=partial, device=x.device) if need_dw else None
+    db_part = torch.zeros((programs, C), dtype=partial, device=x.device) if need_db else None
+    if M > 0:
+        _layer_norm_bwd_kernel[(programs,)](
+            x2, weight, dy2, dx, mean, rstd, dw_part, db_part,
+            x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), C,
+            M, C, rows_per_prog,
+            HAS_W=weight is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
+            ACC=acc_dtype(x.dtype), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+        )
+    dw = dw_part.sum(0) if need_dw else None
+    db = db_part.sum(0) if need_db else None
+    return (dx.view(x.shape) if need_dx else None), dw, db
+
+
+class LayerNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, rstd = _layer_norm_fwd(x, weight, bias, eps, store_stats=True)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx, dw, db = _layer_norm_bwd(dy, x, weight, mean, rstd, need_dx, need_dw, need_db)
+        dw = dw.to(weight.dtype) if dw is not None else None
+        db = db.to(ctx.bias_dtype) if db is not None else None
+        return dx, dw, db, None
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5):
+    """LayerNorm over the last dimension, fused in Triton: F.layer_norm(x, (C,), weight, bias, eps).
+
+    x: (..., C) with C <= 16384, fp16/bf16/fp32/fp64, any strides (a view is read in place when
+    its rows can be addressed with one stride, else reshaped to a copy first).
+    weight, bias: (C,) or None, any float dtype. The output has x's shape and dtype; statistics
+    and parameter-gradient sums are fp32. Differentiable in x, weight and bias (first order only);
+    when none of them needs a gradient nothing is saved and mean/rstd are not written.
+    Differs from PyTorch under CUDA autocast only: the result keeps x's dtype instead of fp32.
+    """
+    if needs_grad(x, weight, bias):
+        return LayerNormFn.apply(x, weight, bias, eps)
+    return _layer_norm_fwd(x, weight, bias, eps, store_stats=False)[0]

@@ -1,0 +1,51 @@
+"""The correctness rule of DESIGN.md, in one place.
+
+A kernel's result is compared with a float64 oracle (the reference on upcast inputs). Its error
+must be at most 2x the error of PyTorch's own op run in the kernel's dtype, plus a small slack of
+about one unit in the last place of the output's dtype at the oracle's largest magnitude. Both the
+max-abs error and the relative RMS error must pass; failures print both for kernel and PyTorch.
+"""
+import torch
+
+
+def dtypes_for(device, bf16_in_interpreter=False):
+    """fp32 and fp16 everywhere; bf16 on CUDA, and in the interpreter only for kernels that say it
+    is right there (the interpreter's tl.dot multiplies bf16 bit patterns, elementwise code is fine)."""
+    dts = [torch.float32, torch.float16]
+    if torch.device(device).type == "cuda" or bf16_in_interpreter:
+        dts.append(torch.bfloat16)
+    return dts
+
+
+def _errors(x, oracle):
+    diff = x.double() - oracle
+    max_abs = diff.abs().max().item() if diff.numel() else 0.0
+    denom = oracle.pow(2).mean().sqrt().item() if oracle.numel() else 0.0
+    rms = diff.pow(2).mean().sqrt().item() if diff.numel() else 0.0
+    return max_abs, rms / denom if denom > 0 else rms
+
+
+def assert_close_2x(actual, baseline, oracle, name, factor=2.0, slack=None):
+    """Assert the kernel result `actual` is within `factor` x PyTorch's own error, plus slack.
+
+    actual:   the kernel's output or gradient
+    baseline: PyTorch's own op on the same inputs in the same dtype
+    oracle:   the reference computed in float64 (or a higher precision than actual)
+    """
+    assert actual.shape == baseline.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(baseline.shape)}"
+    assert actual.dtype == baseline.dtype, f"{name}: dtype {actual.dtype} != PyTorch's {baseline.dtype}"
+    oracle = oracle.double().to(actual.device)
+    finite = torch.isfinite(oracle)
+    assert torch.equal(torch.isfinite(actual), finite), f"{name}: non-finite values where the oracle has none"
+    actual, baseline, oracle = actual[finite], baseline[finite], oracle[finite]
+    k_abs, k_rel = _errors(actual, oracle)
+    t_abs, t_rel = _errors(baseline, oracle)
+    scale = oracle.abs().max().item() if oracle.numel() else 0.0
+    if slack is None:
+        slack = torch.finfo(actual.dtype).eps * max(scale, 1e-30)
+    rel_slack = torch.finfo(actual.dtype).eps
+    msg = (f"{name} ({actual.dtype}): kernel max-abs {k_abs:.3e} rel-rms {k_rel:.3e}; "
+           f"PyTorch max-abs {t_abs:.3e} rel-rms {t_rel:.3e}; allowed {factor}x + "
+           f"{slack:.1e} abs / {rel_slack:.1e} rel")
+    assert k_abs <= factor * t_abs + slack, msg
+    assert k_rel <= factor * t_rel + rel_slack, msg
