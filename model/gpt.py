@@ -1,0 +1,409 @@
+"""GPT-2 in nanoGPT's shape, with GPT-2's parameter names, and a switch for the Triton kernels.
+
+    config = GPTConfig.from_name("gpt2", kernels="auto")
+    model = GPT(config)                          # or GPT.from_pretrained("gpt2")
+    logits, loss = model(idx, targets)           # targets equal to -1 are ignored
+    out = model.generate(idx, max_new_tokens=20, top_k=50)
+
+Four ops can run as Triton kernels: layer_norm, attention, mlp (Linear -> tanh GELU -> Linear)
+and cross_entropy. `GPTConfig.kernels` picks them: "none" (plain PyTorch, exactly the reference
+GPT-2), "auto" (every available kernel where Triton can run on the input's device, none
+elsewhere), "all" (every available kernel, and an error where Triton cannot run) or a
+comma-separated subset such as "layer_norm,mlp". The choice is made at each forward from the
+device of `idx`; it never changes the parameters, so state dicts are the same in every mode and
+published GPT-2 weights load into any of them.
+"""
+import dataclasses
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from kernels._utils import triton_runs_on
+
+# op name in GPTConfig.kernels -> public function of the `kernels` package that implements it.
+# A kernel is available once `kernels` exports that function; the model needs no change then.
+KERNEL_FUNCTIONS = {
+    "layer_norm": "layer_norm",
+    "attention": "flash_attention",
+    "mlp": "gelu_mlp",
+    "cross_entropy": "cross_entropy",
+}
+
+PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=512),  # for tests
+}
+
+# Hugging Face Hub repositories of OpenAI's GPT-2 checkpoints, by preset name.
+HF_REPOS = {name: f"openai-community/{name}" for name in PRESETS if name.startswith("gpt2")}
+
+# HF GPT2Config settings this model hard-codes: key -> accepted values (absent keys default to them).
+HF_FIXED = {
+    "layer_norm_epsilon": (1e-5,),
+    "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+    "scale_attn_weights": (True,),
+    "scale_attn_by_inverse_layer_idx": (False,),
+}
+# Causal-mask buffers some HF versions save with the weights; this model has none.
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
+# HF stores these as Conv1D weights, (in, out): the transpose of nn.Linear's (out, in).
+HF_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+# What from_pretrained lets a caller change; the rest is fixed by the checkpoint.
+PRETRAINED_OVERRIDES = ("dropout", "kernels")
+
+
+def available_kernels():
+    """The ops whose Triton kernel the `kernels` package exports, in KERNEL_FUNCTIONS order."""
+    return [op for op, fn in KERNEL_FUNCTIONS.items() if hasattr(kernels, fn)]
+
+
+def _requested_kernels(spec, dropout):
+    """Parse a kernels spec into (ops it turns on, whether it insists on them); ValueError if bad."""
+    if not isinstance(spec, str):
+        raise ValueError(f"GPTConfig.kernels must be a string, got {spec!r}")
+    spec = spec.replace(" ", "")
+    available = available_kernels()
+    if spec == "none":
+        return frozenset(), False
+    if spec in ("auto", "all"):
+        # The flash kernel has no attention dropout, so with dropout SDPA keeps doing attention.
+        return frozenset(op for op in available if op != "attention" or dropout == 0), spec == "all"
+    ops = spec.split(",")
+    for op in ops:
+        if op not in KERNEL_FUNCTIONS:
+            raise ValueError(f"unknown kernel {op!r} in kernels={spec!r}: expected 'all', 'none', "
+                             f"'auto' or a comma-separated subset of {','.join(KERNEL_FUNCTIONS)}")
+        if op not in available:
+            raise ValueError(f"kernel {op!r} is not implemented yet; available: "
+                             f"{', '.join(available) or 'none'}")
+    if "attention" in ops and dropout > 0:
+        raise ValueError(f"kernel 'attention' has no attention dropout but dropout={dropout}: "
+                         "set dropout=0.0 or leave 'attention' out of kernels")
+    return frozenset(ops), True
+
+
+def kernel_ops(config, device):
+    """The ops that run as Triton kernels for `config` on tensors of `device`."""
+    ops, insist = _requested_kernels(config.kernels, config.dropout)
+    if ops and not triton_runs_on(device):
+        if insist:
+            raise ValueError(f"kernels={config.kernels!r} needs Triton, which cannot run on "
+                             f"{torch.device(device)} here: use a CUDA device, set TRITON_INTERPRET=1 "
+                             "before importing kernels to run them on CPU, or use kernels='auto'")
+        return frozenset()
+    return ops
+
+
+def _sdpa(q, k, v, dropout_p):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+
+
+def _flash_attention(q, k, v, dropout_p):
+    if dropout_p:  # kernel_ops never picks the kernel with dropout; guard against a changed config
+        raise ValueError("the flash_attention kernel has no attention dropout")
+    return kernels.flash_attention(q, k, v, causal=True)
+
+
+def select_ops(config, device):
+    """The four op callables a forward pass on `device` uses: Triton kernels or the references."""
+    on = kernel_ops(config, device)
+
+    def pick(op):
+        return getattr(kernels if op in on else kernels.reference, KERNEL_FUNCTIONS[op])
+
+    return SimpleNamespace(layer_norm=pick("layer_norm"), mlp=pick("mlp"),
+                           cross_entropy=pick("cross_entropy"),
+                           attention=_flash_attention if "attention" in on else _sdpa)
+
+
+@dataclasses.dataclass
+class GPTConfig:
+    """Model shape and options; defaults are GPT-2 124M. See the module docstring for `kernels`."""
+    block_size: int = 1024
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2 has
+    kernels: str = "auto"
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if (not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool)
+                or not 0 <= self.dropout < 1):
+            raise ValueError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"GPTConfig.bias must be a bool, got {self.bias!r}")
+        _requested_kernels(self.kernels, self.dropout)
+
+    @classmethod
+    def from_name(cls, name, **overrides):
+        """A preset ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny") with fields overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown GPT preset {name!r}; expected one of {', '.join(PRESETS)}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig field(s) {', '.join(unknown)}; "
+                             f"fields are {', '.join(sorted(fields))}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dimension with an optional bias (nn.LayerNorm always has one)."""
+
+    def __init__(self, n_embd, bias, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_embd))
+        self.bias = nn.Parameter(torch.zeros(n_embd)) if bias else None
+
+    def forward(self, x, ops):
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with one fused q/k/v projection."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, ops):
+        B, T, C = x.shape
+        # (B, T, 3C) -> three (B, H, T, D) views; the ops accept non-contiguous inputs.
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in self.c_attn(x).split(C, dim=2))
+        y = ops.attention(q, k, v, self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Linear -> tanh GELU -> Linear, 4x wide. The Linears hold the weights; the op applies them."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, ops):
+        y = ops.mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
+        return self.dropout(y)
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ops):
+        x = x + self.attn(self.ln_1(x, ops), ops)
+        return x + self.mlp(self.ln_2(x, ops), ops)
+
+
+class GPT(nn.Module):
+    """GPT-2: token + position embeddings, n_layer blocks, final LayerNorm, tied lm_head."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=LayerNorm(config.n_embd, config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
+        self.apply(self._init_weights)
+        # GPT-2 scales the init of every projection into the residual stream by 1/sqrt(2 * n_layer),
+        # so the stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding=True):
+        """Parameter count; non_embedding leaves out the position embeddings (wte is shared with
+        lm_head, so it stays in), as nanoGPT counts."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def _check_inputs(self, idx, targets):
+        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long:
+            raise TypeError(f"idx must be an int64 tensor, got {getattr(idx, 'dtype', type(idx).__name__)}")
+        if idx.dim() != 2 or not 1 <= idx.shape[1] <= self.config.block_size:
+            raise ValueError(f"idx must have shape (B, T) with 1 <= T <= block_size="
+                             f"{self.config.block_size}, got {tuple(idx.shape)}")
+        if targets is None:
+            return
+        if not isinstance(targets, torch.Tensor) or targets.dtype != torch.long:
+            raise TypeError(f"targets must be an int64 tensor, got "
+                            f"{getattr(targets, 'dtype', type(targets).__name__)}")
+        if targets.shape != idx.shape or targets.device != idx.device:
+            raise ValueError(f"targets must match idx's shape {tuple(idx.shape)} and device {idx.device}, "
+                             f"got {tuple(targets.shape)} on {targets.device}")
+
+    def forward(self, idx, targets=None):
+        """idx: (B, T) int64 token ids -> (logits (B, T, V), mean loss over targets != -1 or None)."""
+        self._check_inputs(idx, targets)
+        ops = select_ops(self.config, idx.device)
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x, ops)
+        logits = self.lm_head(self.transformer.ln_f(x, ops))
+        if targets is None:
+            return logits, None
+        loss = ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Sample max_new_tokens tokens after idx (B, T) -> (B, T + max_new_tokens).
+
+        The context is cropped to the last block_size tokens; logits are divided by temperature
+        and, with top_k, all but the k largest are dropped. Call model.eval() first to turn off
+        dropout. Each step reruns the whole context (no KV cache).
+        """
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size:])
+            logits = logits[:, -1, :] / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, -math.inf)
+            next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, next_id), dim=1)
+        return idx
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, **overrides):
+        """Load GPT-2 weights in Hugging Face's format, on CPU in float32.
+
+        name_or_dir: a directory holding config.json and model.safetensors (or pytorch_model.bin),
+        as GPT2Model or GPT2LMHeadModel.save_pretrained writes it, or a preset name ("gpt2",
+        "gpt2-medium", "gpt2-large", "gpt2-xl") to download from the Hugging Face Hub.
+        overrides: only `dropout` and `kernels`; the checkpoint fixes the rest.
+        """
+        fixed = sorted(set(overrides) - set(PRETRAINED_OVERRIDES))
+        if fixed:
+            raise ValueError(f"from_pretrained cannot override {', '.join(fixed)}: the checkpoint "
+                             f"fixes it; only {', '.join(PRETRAINED_OVERRIDES)} may be set")
+        directory = _checkpoint_dir(name_or_dir)
+        model = cls(_read_hf_config(directory, overrides))
+        model._load_hf_state(_read_hf_weights(directory))
+        return model
+
+    def _load_hf_state(self, hf_state):
+        """Copy a Hugging Face GPT-2 state dict into this model, checking every key and shape."""
+        state = _hf_to_own_names(hf_state)
+        head = state.pop("lm_head.weight", None)
+        own = self.state_dict()
+        expected = set(own) - {"lm_head.weight"}  # tied to transformer.wte.weight
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        wrong = [f"{k} {tuple(v.shape)} (expected {tuple(own[k].shape)})"
+                 for k, v in state.items() if k in own and v.shape != own[k].shape]
+        if missing or unexpected or wrong:
+            raise ValueError(f"checkpoint does not fit GPT({self.config}): missing keys {missing}, "
+                             f"unexpected keys {unexpected}, wrong shapes {wrong}")
+        if head is not None and not torch.equal(head, state["transformer.wte.weight"]):
+            raise ValueError("checkpoint's lm_head.weight differs from wte.weight; this model ties them")
+        with torch.no_grad():
+            for key, tensor in state.items():
+                own[key].copy_(tensor)
+
+
+def _checkpoint_dir(name_or_dir):
+    """The local directory for name_or_dir, downloading a preset from the Hub."""
+    if isinstance(name_or_dir, (str, os.PathLike)) and os.path.isdir(name_or_dir):
+        return os.fspath(name_or_dir)
+    if name_or_dir not in HF_REPOS:
+        raise ValueError(f"{name_or_dir!r} is neither a directory nor one of {', '.join(HF_REPOS)}")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise ImportError(f"loading {name_or_dir!r} downloads it from the Hugging Face Hub: "
+                          "pip install huggingface_hub, or pass a local directory holding "
+                          "config.json and model.safetensors") from e
+    return snapshot_download(HF_REPOS[name_or_dir], allow_patterns=["config.json", "model.safetensors"])
+
+
+def _read_hf_config(directory, overrides):
+    """A GPTConfig from a Hugging Face GPT2Config's config.json, with overrides applied."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json in {directory}")
+    with open(path) as f:
+        hf = json.load(f)
+    needed = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
+    missing = [key for key in needed if key not in hf]
+    if missing:
+        raise ValueError(f"{path} is not a GPT-2 config: it lacks {', '.join(missing)}")
+    for key, accepted in HF_FIXED.items():
+        if key in hf and hf[key] not in accepted:
+            raise ValueError(f"{path}: {key}={hf[key]!r} is not supported; this model uses {accepted[0]!r}")
+    return GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                     block_size=hf["n_positions"], vocab_size=hf["vocab_size"], bias=True, **overrides)
+
+
+def _read_hf_weights(directory):
+    """The state dict in model.safetensors, else pytorch_model.bin, loaded on CPU."""
+    path = os.path.join(directory, "model.safetensors")
+    if os.path.isfile(path):
+        from safetensors.torch import load_file
+        return load_file(path)
+    path = os.path.join(directory, "pytorch_model.bin")
+    if os.path.isfile(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {directory}")
+
+
+def _hf_to_own_names(hf_state):
+    """Rename a Hugging Face GPT-2 state dict to this model's keys and Linear layout."""
+    state = {}
+    for key, tensor in hf_state.items():
+        if key.endswith(HF_BUFFERS):
+            continue
+        if not key.startswith(("transformer.", "lm_head.")):
+            key = "transformer." + key  # GPT2Model saves without the prefix
+        state[key] = tensor.t() if key.endswith(HF_CONV1D) else tensor
+    return state

@@ -1,0 +1,394 @@
+"""Tests of model/gpt.py: presets, kernel selection, kernels-on vs -off under the 2x rule, loss,
+init, loading Hugging Face GPT-2 checkpoints and generation. Shapes are tiny: with no GPU the
+kernels run in Triton's interpreter."""
+import copy
+import json
+import sys
+
+import pytest
+import torch
+
+import kernels
+from model import GPT, GPTConfig
+from model import gpt
+from helpers import assert_close_2x
+
+TINY = GPTConfig.from_name("tiny")
+
+
+def tiny(device="cpu", **overrides):
+    return GPT(GPTConfig.from_name("tiny", **overrides)).to(device)
+
+
+def batch(device="cpu", B=2, T=24):
+    idx = torch.randint(0, TINY.vocab_size, (B, T), device=device)
+    return idx, torch.randint(0, TINY.vocab_size, (B, T), device=device)
+
+
+def spy(monkeypatch, name, fn):
+    """Replace kernels.<name> by a wrapper of fn that records its calls; returns the call list."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(name)
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, name, wrapper, raising=False)
+    return calls
+
+
+# ---------------------------------------------------------------- config and presets
+
+@pytest.mark.parametrize("name, shape", [("gpt2", (12, 12, 768)), ("gpt2-medium", (24, 16, 1024)),
+                                         ("gpt2-large", (36, 20, 1280)), ("gpt2-xl", (48, 25, 1600)),
+                                         ("tiny", (2, 2, 64))])
+def test_preset_shapes_and_param_counts(name, shape):
+    config = GPTConfig.from_name(name)
+    assert (config.n_layer, config.n_head, config.n_embd) == shape
+    with torch.device("meta"):
+        model = GPT(config)
+    V, T, L, C = config.vocab_size, config.block_size, config.n_layer, config.n_embd
+    # wte (shared with lm_head) + wpe + per block: 2 LayerNorms, c_attn, attn c_proj, c_fc, mlp
+    # c_proj = 12C^2 + 13C + ln_f
+    expected = V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C
+    assert model.num_params(non_embedding=False) == expected
+    assert model.num_params() == expected - T * C
+
+
+def test_gpt2_has_124m_params():
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_name("gpt2"))
+    assert model.num_params(non_embedding=False) == 124_439_808
+    assert GPTConfig.from_name("gpt2") == GPTConfig()
+
+
+def test_from_name_errors():
+    with pytest.raises(ValueError, match="gpt3"):
+        GPTConfig.from_name("gpt3")
+    with pytest.raises(ValueError, match="n_layers"):
+        GPTConfig.from_name("tiny", n_layers=3)
+    assert GPTConfig.from_name("tiny", n_layer=3, dropout=0.1).n_layer == 3
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(n_embd=65), "n_embd"), (dict(n_layer=0), "n_layer"), (dict(vocab_size=-1), "vocab_size"),
+    (dict(block_size=2.0), "block_size"), (dict(n_head=True), "n_head"), (dict(dropout=1.0), "dropout"),
+    (dict(dropout=-0.1), "dropout"), (dict(bias=1), "bias"), (dict(kernels="fast"), "fast"),
+    (dict(kernels="layer_norm,softmax"), "softmax"), (dict(kernels=""), "kernel"),
+    (dict(kernels="all,layer_norm"), "all"), (dict(kernels=None), "kernels"),
+])
+def test_config_validation(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        GPTConfig.from_name("tiny", **overrides)
+
+
+def test_layer_norm_kernel_is_available():
+    # The kernel-vs-reference tests below run once per available kernel; make sure they do run.
+    assert "layer_norm" in gpt.available_kernels()
+
+
+def test_unavailable_kernel_is_refused(monkeypatch, device):
+    monkeypatch.delattr(kernels, "layer_norm")
+    with pytest.raises(ValueError, match="kernel 'layer_norm' is not implemented yet; available: "):
+        GPTConfig(kernels="layer_norm")
+    assert "layer_norm" not in gpt.kernel_ops(GPTConfig(kernels="all"), device)
+
+
+def test_attention_kernel_is_not_used_with_dropout(monkeypatch, device):
+    calls = spy(monkeypatch, "flash_attention", kernels.reference.flash_attention)
+    assert "attention" in gpt.kernel_ops(GPTConfig(kernels="all"), device)
+    assert "attention" not in gpt.kernel_ops(GPTConfig(kernels="all", dropout=0.1), device)
+    assert "attention" not in gpt.kernel_ops(GPTConfig(kernels="auto", dropout=0.1), device)
+    with pytest.raises(ValueError, match="dropout"):
+        GPTConfig(kernels="attention", dropout=0.1)
+    tiny(device, kernels="attention")(batch(device)[0])
+    assert calls == ["flash_attention"] * TINY.n_layer
+
+
+def test_kernels_are_called_only_when_selected(monkeypatch, device):
+    calls = spy(monkeypatch, "layer_norm", kernels.layer_norm)
+    idx, targets = batch(device)
+    tiny(device, kernels="none")(idx, targets)
+    assert calls == []
+    tiny(device, kernels="layer_norm")(idx, targets)
+    assert len(calls) == 2 * TINY.n_layer + 1
+
+
+def test_without_triton_auto_is_the_reference_and_explicit_kernels_raise(monkeypatch, device):
+    monkeypatch.setattr(gpt, "triton_runs_on", lambda device: False)
+    calls = spy(monkeypatch, "layer_norm", kernels.layer_norm)
+    idx, targets = batch(device)
+    ref = tiny(device, kernels="none")
+    auto = tiny(device)
+    auto.load_state_dict(ref.state_dict())
+    for actual, expected in zip(auto(idx, targets), ref(idx, targets)):
+        assert torch.equal(actual, expected)
+    assert calls == []
+    for spec in ("layer_norm", "all"):
+        model = tiny(device, kernels=spec)  # building is fine; the forward decides by device
+        with pytest.raises(ValueError, match="cannot run"):
+            model(idx)
+
+
+# ---------------------------------------------------------------- forward, loss, init
+
+def forward_backward(model, idx, targets):
+    """logits, loss and every parameter gradient of one forward and backward, by name."""
+    logits, loss = model(idx, targets)
+    loss.backward()
+    out = {"logits": logits.detach(), "loss": loss.detach()}
+    out.update((f"grad {name}", p.grad) for name, p in model.named_parameters())
+    return out
+
+
+@pytest.mark.parametrize("spec", gpt.available_kernels() + ["all"])
+def test_kernels_match_reference_2x_rule(spec, device):
+    ref = tiny(device, kernels="none")
+    with torch.no_grad():  # random LayerNorm weights and biases, not GPT-2's ones and zeros
+        for name, p in ref.named_parameters():
+            if ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    oracle = copy.deepcopy(ref).double()
+    model = tiny(device, kernels=spec)
+    model.load_state_dict(ref.state_dict())
+    idx, targets = batch(device)
+    targets[0, :5] = -1
+    actual, baseline, expected = (forward_backward(m, idx, targets) for m in (model, ref, oracle))
+    assert actual.keys() == baseline.keys()
+    for name in actual:
+        assert_close_2x(actual[name], baseline[name], expected[name], f"kernels={spec!r} {name}")
+
+
+def test_targets_of_minus_one_are_ignored(device):
+    model = tiny(device)
+    idx, targets = batch(device)
+    targets[:, ::3] = -1
+    logits, loss = model(idx, targets)
+    kept = targets != -1
+    logp = torch.log_softmax(logits.detach().double(), dim=-1)[kept]
+    expected = -logp.gather(1, targets[kept].unsqueeze(1)).mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)
+    assert model(idx)[1] is None
+
+
+@pytest.mark.parametrize("bad, error", [
+    (lambda idx, t: (idx.float(), None), TypeError), (lambda idx, t: (idx.int(), None), TypeError),
+    (lambda idx, t: (idx[0], None), ValueError), (lambda idx, t: (idx[:, :0], None), ValueError),
+    (lambda idx, t: (torch.zeros(1, TINY.block_size + 1, dtype=torch.long), None), ValueError),
+    (lambda idx, t: (idx, t[:, 1:]), ValueError), (lambda idx, t: (idx, t.int()), TypeError),
+])
+def test_forward_rejects_bad_input(bad, error):
+    model = tiny(kernels="none")
+    with pytest.raises(error, match="idx|targets"):
+        model(*bad(*batch()))
+
+
+def test_weight_tying_and_state_dict_keys_in_every_mode():
+    models = {spec: tiny(kernels=spec) for spec in ["none", "auto", "all"] + gpt.available_kernels()}
+    keys = list(models["none"].state_dict())
+    for model in models.values():
+        assert model.lm_head.weight is model.transformer.wte.weight
+        assert [(k, v.shape) for k, v in model.state_dict().items()] == \
+               [(k, v.shape) for k, v in models["none"].state_dict().items()]
+    for key in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.1.ln_1.bias",
+                "transformer.h.1.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.bias",
+                "transformer.ln_f.weight", "lm_head.weight"):
+        assert key in keys
+    assert len(keys) == 2 + TINY.n_layer * 12 + 2 + 1
+    no_bias = tiny(kernels="none", bias=False)
+    assert not [k for k in no_bias.state_dict() if k.endswith(".bias")]
+    assert no_bias(batch()[0])[0].shape == (2, 24, TINY.vocab_size)
+
+
+def test_init_is_gpt2s():
+    model = GPT(GPTConfig(n_layer=8, n_head=4, n_embd=256, block_size=64, vocab_size=512, kernels="none"))
+
+    def std(suffix):
+        return torch.cat([p.flatten() for n, p in model.named_parameters() if n.endswith(suffix)]).std().item()
+
+    assert std("c_proj.weight") == pytest.approx(0.02 / 4, rel=0.01)  # 0.02 / sqrt(2 * n_layer)
+    for suffix in ("c_attn.weight", "c_fc.weight", "wte.weight"):
+        assert std(suffix) == pytest.approx(0.02, rel=0.01)
+    for name, p in model.named_parameters():
+        if name.endswith(".bias"):
+            assert torch.all(p == 0), name
+        elif ".ln_" in name:
+            assert torch.all(p == 1), name
+
+
+def test_dropout_is_random_in_training_only():
+    model = tiny(kernels="none", dropout=0.2)
+    idx = batch()[0]
+    model.eval()
+    assert torch.equal(model(idx)[0], model(idx)[0])
+    model.train()
+    assert not torch.equal(model(idx)[0], model(idx)[0])
+
+
+# ---------------------------------------------------------------- from_pretrained
+
+HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def write_hf_checkpoint(model, directory, prefix="transformer.", fmt="safetensors", with_head=False,
+                        **config):
+    """Save model as Hugging Face's GPT-2 would: Conv1D weights (in, out), causal-mask buffers."""
+    c = model.config
+    hf_config = dict(model_type="gpt2", n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+                     n_positions=c.block_size, vocab_size=c.vocab_size, layer_norm_epsilon=1e-5,
+                     activation_function="gelu_new")
+    (directory / "config.json").write_text(json.dumps({**hf_config, **config}))
+    state = {}
+    for key, tensor in model.state_dict().items():
+        name = key if key == "lm_head.weight" else prefix + key.removeprefix("transformer.")
+        state[name] = (tensor.t() if key.endswith(HF_CONV1D) else tensor).contiguous().clone()
+    if not with_head:
+        del state["lm_head.weight"]
+    for i in range(c.n_layer):
+        state[f"{prefix}h.{i}.attn.bias"] = torch.ones(1, 1, c.block_size, c.block_size).tril()
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+        save_file(state, str(directory / "model.safetensors"))
+    else:
+        torch.save(state, directory / "pytorch_model.bin")
+    return state
+
+
+@pytest.mark.parametrize("prefix, fmt, with_head", [("transformer.", "safetensors", False),
+                                                     ("", "safetensors", False),
+                                                     ("transformer.", "bin", True)])
+def test_from_pretrained_reproduces_the_saved_model(tmp_path, prefix, fmt, with_head):
+    original = tiny(kernels="none")
+    write_hf_checkpoint(original, tmp_path, prefix, fmt, with_head)
+    loaded = GPT.from_pretrained(tmp_path, kernels="none", dropout=0.1).eval()
+    assert loaded.config == GPTConfig.from_name("tiny", kernels="none", dropout=0.1)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    idx, targets = batch()
+    for actual, expected in zip(loaded(idx, targets), original(idx, targets)):
+        assert torch.equal(actual, expected)
+
+
+def test_from_pretrained_matches_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=512,
+                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    with torch.no_grad():  # HF inits LayerNorms and biases to constants; make every weight count
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    model = GPT.from_pretrained(tmp_path, kernels="none").eval()
+    idx = batch()[0]
+    with torch.no_grad():
+        out = hf(idx, labels=idx)
+    # HF shifts labels inside; the same loss here is next-token targets, the last one ignored.
+    targets = torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -1)], dim=1)
+    logits, loss = model(idx, targets)
+    torch.testing.assert_close(logits, out.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(loss, out.loss, rtol=0, atol=1e-5)
+
+
+def test_from_pretrained_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no stray directory named like a preset
+    model = tiny(kernels="none")
+    good = tmp_path / "good"
+    good.mkdir()
+    write_hf_checkpoint(model, good)
+    with pytest.raises(ValueError, match="block_size"):
+        GPT.from_pretrained(good, block_size=32)
+    with pytest.raises(ValueError, match="not-a-model"):
+        GPT.from_pretrained("not-a-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        GPT.from_pretrained(tmp_path / "empty")
+    only_config = tmp_path / "only_config"
+    only_config.mkdir()
+    (only_config / "config.json").write_text((good / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="model.safetensors or pytorch_model.bin"):
+        GPT.from_pretrained(only_config)
+
+    cases = {"missing": ({"drop": "h.1.ln_2.weight"}, "h.1.ln_2.weight"),
+             "unexpected": ({"add": "h.0.attn.c_attn.scale"}, "h.0.attn.c_attn.scale"),
+             "shape": ({"config": dict(n_positions=32)}, "transformer.wpe.weight"),
+             "eps": ({"config": dict(layer_norm_epsilon=1e-6)}, "layer_norm_epsilon"),
+             "untied": ({"head": True}, "lm_head")}
+    for name, (change, message) in cases.items():
+        directory = tmp_path / name
+        directory.mkdir()
+        state = write_hf_checkpoint(model, directory, with_head=change.get("head", False),
+                                    **change.get("config", {}))
+        if "head" in change:
+            state["lm_head.weight"] = state["lm_head.weight"] + 1
+        if "drop" in change:
+            del state["transformer." + change["drop"]]
+        if "add" in change:
+            state["transformer." + change["add"]] = torch.zeros(1)
+        from safetensors.torch import save_file
+        save_file(state, str(directory / "model.safetensors"))
+        with pytest.raises(ValueError, match=message):
+            GPT.from_pretrained(directory)
+
+
+def test_from_pretrained_preset_without_huggingface_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # makes the import fail
+    with pytest.raises(ImportError, match="pip install huggingface_hub"):
+        GPT.from_pretrained("gpt2")
+
+
+def test_from_pretrained_preset_downloads_openai_repo(tmp_path, monkeypatch):
+    hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.chdir(tmp_path)
+    original = tiny(kernels="none")
+    write_hf_checkpoint(original, tmp_path)
+    asked = []
+
+    def fake_download(repo_id, **kwargs):  # nothing is downloaded in tests
+        asked.append(repo_id)
+        return str(tmp_path)
+
+    monkeypatch.setattr(hub, "snapshot_download", fake_download)
+    loaded = GPT.from_pretrained("gpt2-medium", kernels="none")
+    assert asked == ["openai-community/gpt2-medium"]
+    idx = batch()[0]
+    assert torch.equal(loaded(idx)[0], original(idx)[0])
+
+
+# ---------------------------------------------------------------- generate
+
+def greedy(model, idx, steps):
+    for _ in range(steps):
+        next_id = model(idx[:, -model.config.block_size:])[0][:, -1].argmax(-1, keepdim=True)
+        idx = torch.cat([idx, next_id], dim=1)
+    return idx
+
+
+def test_generate_length_and_greedy_top_k():
+    model = tiny(kernels="none").eval()
+    idx = batch(T=5)[0]
+    out = model.generate(idx, 6, temperature=0.7)
+    assert out.shape == (2, 11) and torch.equal(out[:, :5], idx)
+    assert out.min() >= 0 and out.max() < TINY.vocab_size
+    with torch.no_grad():
+        expected = greedy(model, idx, 6)
+    assert torch.equal(model.generate(idx, 6, top_k=1), expected)
+    assert model.generate(idx, 2, top_k=10 * TINY.vocab_size).shape == (2, 7)  # top_k clamps
+    assert torch.equal(model.generate(idx, 0), idx)
+
+
+def test_generate_crops_context_to_block_size():
+    model = tiny(kernels="none").eval()
+    idx = batch(T=TINY.block_size + 10)[0]
+    out = model.generate(idx, 3, top_k=1)
+    assert out.shape == (2, TINY.block_size + 13)
+    assert torch.equal(out[:, 10:], model.generate(idx[:, 10:], 3, top_k=1))
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=0.0), dict(temperature=-1.0),
+                                    dict(temperature=float("inf")), dict(temperature=float("nan")),
+                                    dict(top_k=0), dict(top_k=2.5), dict(max_new_tokens=-1)])
+def test_generate_rejects_bad_arguments(kwargs):
+    model = tiny(kernels="none")
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        model.generate(batch(T=3)[0], **{"max_new_tokens": 2, **kwargs})
