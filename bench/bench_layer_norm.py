@@ -1,0 +1,151 @@
+"""Benchmark LayerNorm: the Triton kernel against PyTorch eager, torch.compile and Liger-Kernel.
+
+    python bench/bench_layer_norm.py [--quick] [--no-compile] [--out-dir bench/results]
+    python -m bench.bench_layer_norm ...
+
+Shapes: 16384 rows (GPT-2 124M's B*T) by C in {768, 1024, 1600, 4096}, bf16 activations and
+parameters; modes fwd, bwd and fwd_bwd. Inputs require grad in every mode, so the forward is the
+training forward (it keeps what its backward needs).
+
+- fwd times y = layer_norm(x, w, b).
+- bwd runs the forward once outside the timing and times y.backward(dy, retain_graph=True);
+  do_bench sets x.grad, w.grad and b.grad to None before each timed run (grad_to_none, outside
+  the timed region), so every run writes fresh gradients instead of accumulating.
+- fwd_bwd times layer_norm(x, w, b).backward(dy), grads reset the same way.
+
+GB/s counts the minimum bytes each mode must move, whatever a provider really moves:
+  fwd:     read x, w, b; write y                                  2*N*C*e + 2*C*p
+  bwd:     read x, dy, mean, rstd (fp32), w; write dx, dw, db       3*N*C*e + 8*N + 3*C*p
+  fwd_bwd: the sum of the two
+with N rows, e the activation itemsize and p the parameter itemsize. A forward that stores mean and
+rstd moves 8*N more bytes than counted (under 1% here). `ceiling_frac` is that GB/s over the
+measured device-to-device copy bandwidth (read + write of 1 GiB, stored as meta["copy_gbps"]).
+Peak memory: harness.peak_memory_mb, i.e. what one call allocates beyond its inputs (for bwd, beyond
+the saved forward graph too).
+
+A provider that cannot run (Liger not installed, torch.compile failing) is reported in
+meta["skipped"] and left out of the rows; the run goes on.
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench import harness  # noqa: E402
+
+OP = "layer_norm"
+ROWS = 16384
+WIDTHS = (768, 1024, 1600, 4096)
+QUICK_WIDTHS = (768, 4096)
+MODES = ("fwd", "bwd", "fwd_bwd")
+DTYPE = torch.bfloat16
+EPS = 1e-5
+OPTIONAL = ("torch_compile", "liger")  # providers whose failure skips them instead of stopping the run
+
+
+def layer_norm_bytes(rows, C, mode, itemsize=2, param_itemsize=None):
+    """The minimum bytes one LayerNorm call of `mode` moves (see the module docstring)."""
+    p = itemsize if param_itemsize is None else param_itemsize
+    fwd = 2 * rows * C * itemsize + 2 * C * p
+    bwd = 3 * rows * C * itemsize + 8 * rows + 3 * C * p
+    return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}[mode]
+
+
+def providers(no_compile=False):
+    """({name: fn(x, w, b)}, {name: why skipped}) for every provider this machine can offer."""
+    from kernels import layer_norm, reference
+
+    fns = {"triton": layer_norm, "torch": reference.layer_norm}
+    skipped = {}
+    if no_compile:
+        skipped["torch_compile"] = "--no-compile"
+    else:
+        fns["torch_compile"] = torch.compile(reference.layer_norm, dynamic=False)
+    try:
+        from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+    except ImportError as e:
+        skipped["liger"] = f"not installed ({e})"
+    else:
+        fns["liger"] = lambda x, w, b, eps=EPS: LigerLayerNormFunction.apply(x, w, b, eps)
+    return fns, skipped
+
+
+def make_inputs(C, device="cuda"):
+    x = torch.randn(ROWS, C, device=device, dtype=DTYPE, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(C, device=device, dtype=DTYPE)).requires_grad_()
+    b = (0.1 * torch.randn(C, device=device, dtype=DTYPE)).requires_grad_()
+    dy = torch.randn(ROWS, C, device=device, dtype=DTYPE)
+    return x, w, b, dy
+
+
+def runner(fn, mode, x, w, b, dy):
+    """The callable to time for `mode` (for bwd, after running the forward once)."""
+    if mode == "fwd":
+        return lambda: fn(x, w, b, EPS)
+    if mode == "bwd":
+        y = fn(x, w, b, EPS)
+        return lambda: y.backward(dy, retain_graph=True)
+    return lambda: fn(x, w, b, EPS).backward(dy)
+
+
+def measure(fn, mode, inputs, warmup, rep):
+    """(time_ms dict, peak MiB) of one provider in one mode."""
+    x, w, b, dy = inputs
+    run = runner(fn, mode, x, w, b, dy)
+    timing = harness.time_ms(run, warmup=warmup, rep=rep, grad_to_none=[x, w, b])
+    for t in (x, w, b):
+        t.grad = None  # gradients left over from warm-up would be freed inside the measured call
+    mem = harness.peak_memory_mb(run)
+    for t in (x, w, b):
+        t.grad = None
+    return timing, mem
+
+
+def run(widths, fns, skipped, copy_gbps, warmup, rep, device="cuda"):
+    """Time every provider in every mode on every width; return the rows."""
+    rows = []
+    for C in widths:
+        inputs = make_inputs(C, device)
+        for name, fn in list(fns.items()):
+            for mode in MODES:
+                try:
+                    timing, mem = measure(fn, mode, inputs, warmup, rep)
+                except Exception as e:  # noqa: BLE001  (an optional provider's failure is data)
+                    if name not in OPTIONAL:
+                        raise
+                    first = (str(e).strip().splitlines() or [""])[0][:200]
+                    skipped[name] = f"failed at C={C} {mode}: {type(e).__name__}: {first}"
+                    print(f"{name}: skipped, {skipped[name]}")
+                    del fns[name]
+                    break
+                nbytes = layer_norm_bytes(ROWS, C, mode, inputs[0].element_size())
+                rate = harness.gbps(nbytes, timing["ms"])
+                rows.append(harness.make_row(OP, name, mode, DTYPE, {"rows": ROWS, "C": C}, timing,
+                                             gbps=rate, peak_mem_mb=mem, ceiling_frac=rate / copy_gbps))
+        del inputs
+    return rows
+
+
+def main(argv=None):
+    args = harness.arg_parser(__doc__.splitlines()[0]).parse_args(argv)
+    if not harness.require_cuda("bench_layer_norm"):
+        return 0
+    from bench.report import render_markdown
+
+    fns, skipped = providers(args.no_compile)
+    warmup, rep = (5, 20) if args.quick else (25, 100)
+    copy_gbps = harness.copy_bandwidth_gbps("cuda")
+    print(f"measured copy bandwidth: {copy_gbps:.0f} GB/s")
+    rows = run(QUICK_WIDTHS if args.quick else WIDTHS, fns, skipped, copy_gbps, warmup, rep)
+    meta = dict(harness.machine_meta(), copy_gbps=round(copy_gbps, 1), skipped=skipped)
+    path = harness.write_results(rows, meta, args.out_dir)
+    print(render_markdown([dict(harness.load_results(path), path=str(path))]))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

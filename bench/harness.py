@@ -1,0 +1,303 @@
+"""Shared plumbing for the op benchmarks: timing, memory, throughput, machine metadata, results files.
+
+Timing uses `triton.testing.do_bench` (median and 20th/80th percentiles of many runs). In the Triton
+versions this project supports (3.6 on the GPU machine, 3.9 on CI) do_bench zeroes a 256 MB
+buffer before every timed run (`runtime.driver.active.clear_cache`), outside the timed region,
+which evicts the inputs from L2 (50 MB on an H100). Inputs that would fit in L2, such as
+a 16384 x 768 bf16 activation (25 MB), are therefore still read from HBM in every timed run, and
+no input rotation is needed.
+
+A results file is {"meta": {...}, "rows": [...]} with the keys DESIGN.md lists (META_KEYS, ROW_KEYS);
+`make_row` builds a row and checks it, `write_results` / `load_results` write and read a file and
+check every row again. Extra keys are allowed on rows (ceiling_frac, tokens_per_s, mfu) and in meta
+(copy_gbps, skipped).
+"""
+import argparse
+import json
+import math
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+
+OPS = ("layer_norm", "attention", "mlp", "cross_entropy", "linear_cross_entropy", "train_step")
+PROVIDERS = ("triton", "torch", "torch_compile", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "liger")
+MODES = ("fwd", "bwd", "fwd_bwd")
+# The kernels a train_step row may name as "triton:<kernel>[,<kernel>...]" (GPTConfig.kernels names).
+MODEL_KERNELS = ("layer_norm", "attention", "mlp", "cross_entropy")
+TRAIN_STEP_KEYS = ("tokens_per_s", "mfu")
+NUMERIC_KEYS = ("gbps", "tflops", "peak_mem_mb", "ceiling_frac") + TRAIN_STEP_KEYS
+
+META_KEYS = ("gpu", "driver", "torch", "triton", "cuda", "commit", "date", "command")
+ROW_KEYS = ("op", "provider", "mode", "dtype", "shape", "ms", "ms_p20", "ms_p80",
+            "gbps", "tflops", "peak_mem_mb")
+DATE_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
+# --- measuring --------------------------------------------------------------------------------
+
+def time_ms(fn, warmup=25, rep=100, grad_to_none=None):
+    """Median, 20th and 80th percentile run time of fn() in ms, as dict(ms, ms_p20, ms_p80).
+
+    warmup and rep are budgets in ms (do_bench's meaning). grad_to_none: tensors whose .grad is set
+    to None before every timed run, outside the timed region, so a backward never accumulates.
+    """
+    from triton.testing import do_bench
+
+    ms, p20, p80 = do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none,
+                            quantiles=[0.5, 0.2, 0.8])
+    return {"ms": ms, "ms_p20": p20, "ms_p80": p80}
+
+
+def peak_memory_mb(fn):
+    """Peak CUDA memory that one call of fn() allocates, in MiB, beyond what was allocated before.
+
+    The inputs (and anything else the caller holds, such as a saved forward graph before a
+    backward) are allocated before the call and are not counted; what is counted is every tensor
+    the call creates, outputs and saved activations included, at its high-water mark. That makes
+    the number comparable across providers that share the same inputs.
+    """
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def gbps(nbytes, ms):
+    """Throughput in GB/s (1e9 bytes per second) for nbytes moved in ms milliseconds."""
+    return nbytes / ms / 1e6
+
+
+def tflops(flops, ms):
+    """Throughput in TFLOP/s (1e12 per second) for flops done in ms milliseconds."""
+    return flops / ms / 1e9
+
+
+def copy_bandwidth_gbps(device="cuda", nbytes=2**30):
+    """The measured bandwidth ceiling: GB/s of a device-to-device copy of nbytes (1 GiB),
+    counting the bytes read plus the bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    timing = time_ms(lambda: dst.copy_(src))
+    del src, dst
+    torch.cuda.empty_cache()
+    return gbps(2 * nbytes, timing["ms"])
+
+
+# --- the machine --------------------------------------------------------------------------------
+
+def require_cuda(what):
+    """True when a CUDA GPU is available; else print why `what` is skipped and return False."""
+    if torch.cuda.is_available():
+        return True
+    print(f"{what}: skipped, needs a CUDA GPU (none found)")
+    return False
+
+
+def _command_output(cmd):
+    """First line of cmd's stdout, or None when the command is missing or fails."""
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.strip().splitlines()
+    return lines[0].strip() if lines else None
+
+
+def utc_now():
+    return datetime.now(timezone.utc).strftime(DATE_FORMAT)
+
+
+def _repo_relative(path):
+    try:
+        return Path(path).resolve().relative_to(REPO_ROOT).as_posix()
+    except (ValueError, OSError):
+        return path
+
+
+def machine_meta(command=None):
+    """The "meta" block of a results file. command defaults to this process's command line."""
+    import triton
+
+    if command is None:
+        command = shlex.join(["python", _repo_relative(sys.argv[0])] + sys.argv[1:])
+    has_cuda = torch.cuda.is_available()
+    return {
+        "gpu": torch.cuda.get_device_name() if has_cuda else None,
+        "driver": _command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "commit": _command_output(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"]),
+        "date": utc_now(),
+        "command": command,
+    }
+
+
+# --- rows and files --------------------------------------------------------------------------
+
+def dtype_name(dtype):
+    """"bfloat16" for torch.bfloat16 or "bfloat16"; ValueError for anything that is not a torch dtype."""
+    name = str(dtype).replace("torch.", "")
+    if not isinstance(getattr(torch, name, None), torch.dtype):
+        raise ValueError(f"dtype must be a torch dtype or its name, got {dtype!r}")
+    return name
+
+
+def _check_provider(op, provider):
+    if provider in PROVIDERS:
+        return
+    if op == "train_step":
+        if provider == "triton+compile":
+            return
+        kernels = provider.split(":", 1)[1].split(",") if provider.startswith("triton:") else []
+        if kernels and all(k in MODEL_KERNELS for k in kernels):
+            return
+    raise ValueError(f"provider must be one of {PROVIDERS} (train_step rows also 'triton+compile' or "
+                     f"'triton:<kernel>[,<kernel>]' with kernels from {MODEL_KERNELS}), got {provider!r}")
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_optional_number(row, key):
+    v = row.get(key)
+    if v is not None and not (_is_number(v) and v >= 0):
+        raise ValueError(f"{key} must be a non-negative number or None, got {v!r}")
+
+
+def validate_row(row):
+    """Raise ValueError naming the field unless row is a valid results row; return row."""
+    missing = [k for k in ROW_KEYS if k not in row]
+    if missing:
+        raise ValueError(f"row is missing keys {missing}: {row}")
+    if row["op"] not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {row['op']!r}")
+    _check_provider(row["op"], row["provider"])
+    if row["mode"] not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {row['mode']!r}")
+    if dtype_name(row["dtype"]) != row["dtype"]:
+        raise ValueError(f"dtype must be a dtype name such as 'bfloat16', got {row['dtype']!r}")
+    shape = row["shape"]
+    if not (isinstance(shape, dict) and shape
+            and all(isinstance(k, str) and isinstance(v, int) and v > 0 for k, v in shape.items())):
+        raise ValueError(f"shape must be a non-empty dict of positive ints, got {shape!r}")
+    times = [row[k] for k in ("ms_p20", "ms", "ms_p80")]
+    if not (all(_is_number(t) and t > 0 for t in times) and times == sorted(times)):
+        raise ValueError(f"need 0 < ms_p20 <= ms <= ms_p80, got {times}")
+    for key in NUMERIC_KEYS:
+        _check_optional_number(row, key)
+    for key in row.keys() - set(ROW_KEYS):
+        if not (row[key] is None or isinstance(row[key], (str, int, float))):
+            raise ValueError(f"extra key {key} must hold a number, string or None, got {row[key]!r}")
+    if row["op"] == "train_step":
+        for key in TRAIN_STEP_KEYS:
+            if row.get(key) is None:
+                raise ValueError(f"train_step rows need {key}, got {row.get(key)!r}")
+    return row
+
+
+def make_row(op, provider, mode, dtype, shape, timing, gbps=None, tflops=None, peak_mem_mb=None,
+             **extra):
+    """One results row in the DESIGN.md format, checked. timing is time_ms's dict; extra keys
+    (ceiling_frac, tokens_per_s, mfu, ...) are appended after the standard ones."""
+    clash = [k for k in extra if k in ROW_KEYS]
+    if clash:
+        raise ValueError(f"extra keys {clash} clash with the standard row keys")
+    row = {"op": op, "provider": provider, "mode": mode, "dtype": dtype_name(dtype),
+           "shape": dict(shape), "ms": timing["ms"], "ms_p20": timing["ms_p20"],
+           "ms_p80": timing["ms_p80"], "gbps": gbps, "tflops": tflops, "peak_mem_mb": peak_mem_mb}
+    row.update(extra)
+    for key, v in row.items():
+        if isinstance(v, float):
+            row[key] = round(v, 6)
+    return validate_row(row)
+
+
+def validate_results(data):
+    """Raise ValueError unless data is {"meta": {...}, "rows": [...]} in the DESIGN.md format."""
+    if not isinstance(data, dict) or set(data) != {"meta", "rows"}:
+        raise ValueError("a results file holds exactly the keys 'meta' and 'rows'")
+    meta = data["meta"]
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"meta is missing keys {missing}")
+    for key in META_KEYS:
+        if meta[key] is not None and not isinstance(meta[key], str):
+            raise ValueError(f"meta {key} must be a string or null, got {meta[key]!r}")
+    if not isinstance(data["rows"], list):
+        raise ValueError("rows must be a list")
+    for row in data["rows"]:
+        validate_row(row)
+    return data
+
+
+def slug(text):
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9_]+", "-", str(text).lower()).strip("-") or "unknown"
+
+
+def results_name(rows, meta, name=None):
+    """<op-or-suite>-<gpu-slug>-<YYYYmmddTHHMMSS>.json; name defaults to the one op of all rows,
+    else 'suite'."""
+    if name is None:
+        ops = {row["op"] for row in rows}
+        name = ops.pop() if len(ops) == 1 else "suite"
+    try:
+        stamp = datetime.strptime(meta["date"], DATE_FORMAT)
+    except (KeyError, TypeError, ValueError):
+        stamp = datetime.now(timezone.utc)
+    return f"{slug(name)}-{slug(meta.get('gpu') or 'cpu')}-{stamp:%Y%m%dT%H%M%S}.json"
+
+
+def write_results(rows, meta, out_dir=RESULTS_DIR, name=None):
+    """Write one results file (one row per line, for readable diffs) and return its path."""
+    data = validate_results({"meta": meta, "rows": list(rows)})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / results_name(data["rows"], meta, name)
+    n = 1
+    while path.exists():
+        n += 1
+        path = path.with_name(f"{results_name(data['rows'], meta, name)[:-5]}-{n}.json")
+    body = ",\n  ".join(json.dumps(row) for row in data["rows"])
+    path.write_text(f'{{"meta": {json.dumps(meta)},\n "rows": [\n  {body}\n ]}}\n')
+    return path
+
+
+def load_results(path):
+    """Read and check one results file; return {"meta": ..., "rows": [...]}."""
+    with open(path) as f:
+        data = json.load(f)
+    try:
+        return validate_results(data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+# --- command line ----------------------------------------------------------------------------
+
+def arg_parser(description):
+    """An ArgumentParser with the flags every benchmark script shares; scripts may add more."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR),
+                        help="where the results JSON goes (default: bench/results)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer shapes and shorter timing, for a smoke run")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile provider")
+    return parser
