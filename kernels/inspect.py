@@ -1,0 +1,251 @@
+"""What the compiler made of each kernel: `python -m kernels.inspect [--arch sm_90|sm_80|all] [--json]`.
+
+Compiles every Triton kernel of the project ahead of time for H100 (sm_90) and A100 (sm_80), with
+no GPU and without running anything, at the block sizes and warp counts the launchers' own
+heuristics pick (GPT-2 widths plus the limits), and reads the cubin back with the cuobjdump shipped
+in the Triton wheel: registers per thread, spill (local memory) and stack bytes, shared memory, the
+tensor-core instructions in the SASS (HGMMA on sm_90, HMMA on sm_80).
+
+Shared memory is reported as the per-block total: Triton's dynamic shared memory
+(`CompiledKernel.metadata.shared`) plus the static shared memory the cubin declares (cuobjdump's
+SHARED, e.g. the 1 KB ptxas reserves on sm_90); both parts are in the --json output.
+
+To add a kernel file, append `Kernel(...)` entries to `kernel_table()`: the kernel's module and name,
+a function that maps one config's parameters to a `Launch` (argument types, constexprs, num_warps,
+taken from the launcher's heuristics), and the configs.
+"""
+import argparse
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable
+
+ARCHS = {"sm_90": 90, "sm_80": 80}
+# Most shared memory one block may opt in to: H100 (227 KB) and A100 (163 KB).
+SHARED_LIMIT = {"sm_90": 232448, "sm_80": 166912}
+GPT2_WIDTHS = (768, 1024, 1280, 1600)  # n_embd of gpt2, gpt2-medium, gpt2-large, gpt2-xl
+GPT2_ROWS = 16384  # B * T of a GPT-2 124M training step (B=16, T=1024)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    params: dict
+    hot_path: bool  # a shape the GPT-2 training step runs
+
+
+@dataclass
+class Launch:
+    """One launch as the runtime would see it.
+
+    args maps each non-constexpr argument to a pointer type ("*bf16"), "i32"/"fp32" for a scalar
+    the runtime does not specialise, or a Python int (specialised like Triton does at launch: 1
+    becomes a constexpr, multiples of 16 get a divisibility hint).
+    """
+    args: dict
+    constexprs: dict
+    num_warps: int
+    num_stages: int = None
+
+
+@dataclass(frozen=True)
+class Kernel:
+    module: str  # file under kernels/, without .py
+    name: str  # the @triton.jit function in it
+    launch: Callable  # (module, **config.params) -> Launch
+    configs: tuple
+    uses_mma: bool = False  # a tl.dot kernel: must show HGMMA on sm_90 at hot-path configs
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels. Every number comes from a launcher's heuristic, never from a table copied here.
+
+def _width_configs(dtype="bf16", limits=()):
+    """GPT-2 widths (hot path) and the given limit widths, for kernels whose launch depends on C."""
+    return tuple(Config(f"C={C} {dtype}", {"C": C, "dtype": dtype}, C in GPT2_WIDTHS)
+                 for C in GPT2_WIDTHS + tuple(limits))
+
+
+def _layer_norm_fwd(ln, C, dtype):
+    block_m, block_c, num_warps = ln._block_sizes(C)
+    p = "*" + dtype
+    return Launch(
+        args=dict(X=p, W=p, B=p, Y=p, Mean="*fp32", Rstd="*fp32", stride_xm=C, stride_xc=1,
+                  stride_ym=C, M=GPT2_ROWS, C=C, eps="fp32"),
+        constexprs=dict(HAS_W=True, HAS_B=True, STORE_STATS=True, ACC=_tl().float32,
+                        BLOCK_M=block_m, BLOCK_C=block_c),
+        num_warps=num_warps)
+
+
+def _layer_norm_bwd(ln, C, dtype):
+    block_m, block_c, num_warps = ln._block_sizes(C)
+    p = "*" + dtype
+    return Launch(
+        args=dict(X=p, W=p, DY=p, DX=p, Mean="*fp32", Rstd="*fp32", DWp="*fp32", DBp="*fp32",
+                  stride_xm=C, stride_xc=1, stride_dym=C, stride_dyc=1, stride_dxm=C,
+                  M=GPT2_ROWS, C=C, ROWS_PER_PROG="i32"),
+        constexprs=dict(HAS_W=True, NEED_DX=True, NEED_DW=True, NEED_DB=True, ACC=_tl().float32,
+                        BLOCK_M=block_m, BLOCK_C=block_c),
+        num_warps=num_warps)
+
+
+def kernel_table():
+    """Every kernel of the project with the configs to compile it at."""
+    ln_configs = _width_configs(limits=(8192, _module("layer_norm").MAX_C))
+    return [
+        Kernel("layer_norm", "_layer_norm_fwd_kernel", _layer_norm_fwd, ln_configs),
+        Kernel("layer_norm", "_layer_norm_bwd_kernel", _layer_norm_bwd, ln_configs),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling and reading the cubin.
+
+def _tl():
+    import triton.language as tl
+    return tl
+
+
+def _module(name):
+    # importlib, not `from kernels import layer_norm`: the package exports a function by that name
+    return importlib.import_module(f"kernels.{name}")
+
+
+def specialize(fn, launch):
+    """(signature, constexprs, attrs) for ASTSource, the way Triton's runtime specialises a launch."""
+    signature, constexprs, attrs = {}, dict(launch.constexprs), {}
+    for i, name in enumerate(fn.arg_names):
+        value = launch.args.get(name)
+        if name in launch.constexprs:
+            signature[name] = "constexpr"
+        elif isinstance(value, int) and value == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        elif isinstance(value, int):
+            signature[name] = "i32" if abs(value) < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, str):
+            signature[name] = value
+            if value.startswith("*"):  # torch allocations are at least 16-byte aligned
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            raise TypeError(f"{fn.__name__}: no type for argument {name!r} (got {value!r})")
+    return signature, constexprs, attrs
+
+
+def cuobjdump_path():
+    """The cuobjdump shipped in the Triton wheel (triton/backends/nvidia/bin), else one on PATH."""
+    import triton.backends.nvidia
+    path = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
+    path = path if os.path.exists(path) else shutil.which("cuobjdump")
+    if not path:
+        raise RuntimeError("cuobjdump not found in the Triton wheel or on PATH")
+    return path
+
+
+_RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+_MMA = re.compile(r"\b[A-Z]*MMA\.[\w.]+")  # HGMMA.64x128x16.F32.BF16, HMMA.16816.F32.BF16, ...
+
+
+def read_cubin(cubin):
+    """Registers, stack, static shared, local bytes and the distinct tensor-core instructions."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([cuobjdump_path(), "--dump-resource-usage", "-sass", path],
+                             capture_output=True, text=True, check=True).stdout
+    regs, stack, shared, local = map(int, _RESOURCES.search(out).groups())
+    mma = sorted(set(_MMA.findall(out)))
+    return dict(regs=regs, stack_bytes=stack, static_shared_bytes=shared, spill_bytes=local,
+                mma=",".join(mma) if mma else "none")
+
+
+def inspect_one(kernel, config, arch):
+    """Compile one kernel at one config for one arch and report what the cubin says."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module = _module(kernel.module)
+    fn = getattr(module, kernel.name)
+    launch = kernel.launch(module, **config.params)
+    signature, constexprs, attrs = specialize(fn, launch)
+    options = {"num_warps": launch.num_warps}
+    if launch.num_stages is not None:
+        options["num_stages"] = launch.num_stages
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                              target=GPUTarget("cuda", ARCHS[arch], 32), options=options)
+    usage = read_cubin(compiled.asm["cubin"])
+    triton_shared = compiled.metadata.shared
+    return dict(kernel=kernel.name, config=config.name, arch=arch, hot_path=config.hot_path,
+                num_warps=compiled.metadata.num_warps, regs=usage["regs"],
+                spill_bytes=usage["spill_bytes"], stack_bytes=usage["stack_bytes"],
+                shared_bytes=triton_shared + usage["static_shared_bytes"],
+                triton_shared_bytes=triton_shared, static_shared_bytes=usage["static_shared_bytes"],
+                shared_limit_bytes=SHARED_LIMIT[arch], mma=usage["mma"], uses_mma=kernel.uses_mma)
+
+
+def inspect_all(archs):
+    return [inspect_one(k, c, a) for k in kernel_table() for c in k.configs for a in archs]
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+_COLUMNS = (("kernel", "kernel"), ("config", "config"), ("arch", "arch"), ("hot", "hot_path"),
+            ("warps", "num_warps"), ("regs", "regs"), ("spill", "spill_bytes"),
+            ("stack", "stack_bytes"), ("shared", "shared_bytes"), ("mma", "mma"))
+
+
+def format_table(rows):
+    def cell(row, key):
+        value = row[key]
+        return ("yes" if value else "") if isinstance(value, bool) else str(value)
+
+    table = [[h for h, _ in _COLUMNS]] + [[cell(r, k) for _, k in _COLUMNS] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(_COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.append("regs: per thread; spill, stack: bytes per thread (local memory); shared: bytes per block, "
+                 "Triton's dynamic shared + the cubin's static shared (limit "
+                 + ", ".join(f"{a} {b}" for a, b in SHARED_LIMIT.items()) + "); hot: on the GPT-2 path. "
+                 "Compile-time facts, not speed.")
+    return "\n".join(lines)
+
+
+def _clean_env():
+    """This environment without TRITON_INTERPRET (so triton.jit gives compilable kernels)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    return env
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="python -m kernels.inspect", description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", choices=[*ARCHS, "all"], default="all")
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    args = parser.parse_args(argv)
+
+    if "TRITON_INTERPRET" in os.environ:
+        # triton.jit gave interpreter objects, which cannot compile: do it in a clean process
+        return subprocess.run([sys.executable, "-m", "kernels.inspect", *argv], env=_clean_env()).returncode
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default; silences its warning
+
+    rows = inspect_all(list(ARCHS) if args.arch == "all" else [args.arch])
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
