@@ -109,22 +109,13 @@ def run(widths, fns, skipped, copy_gbps, warmup, rep, device="cuda"):
     rows = []
     for C in widths:
         inputs = make_inputs(C, device)
-        for name, fn in list(fns.items()):
-            for mode in MODES:
-                try:
-                    timing, mem = measure(fn, mode, inputs, warmup, rep)
-                except Exception as e:  # noqa: BLE001  (an optional provider's failure is data)
-                    if name not in OPTIONAL:
-                        raise
-                    first = (str(e).strip().splitlines() or [""])[0][:200]
-                    skipped[name] = f"failed at C={C} {mode}: {type(e).__name__}: {first}"
-                    print(f"{name}: skipped, {skipped[name]}")
-                    del fns[name]
-                    break
-                nbytes = layer_norm_bytes(ROWS, C, mode, inputs[0].element_size())
-                rate = harness.gbps(nbytes, timing["ms"])
-                rows.append(harness.make_row(OP, name, mode, DTYPE, {"rows": ROWS, "C": C}, timing,
-                                             gbps=rate, peak_mem_mb=mem, ceiling_frac=rate / copy_gbps))
+        results = harness.measure_providers(fns, MODES, measure, (inputs, warmup, rep), skipped, OPTIONAL,
+                                            f"C={C}")
+        for name, mode, (timing, mem) in results:
+            nbytes = layer_norm_bytes(ROWS, C, mode, inputs[0].element_size())
+            rate = harness.gbps(nbytes, timing["ms"])
+            rows.append(harness.make_row(OP, name, mode, DTYPE, {"rows": ROWS, "C": C}, timing,
+                                         gbps=rate, peak_mem_mb=mem, ceiling_frac=rate / copy_gbps))
         del inputs
     return rows
 

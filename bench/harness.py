@@ -95,6 +95,28 @@ def copy_bandwidth_gbps(device="cuda", nbytes=2**30):
     return gbps(2 * nbytes, timing["ms"])
 
 
+def measure_providers(fns, modes, measure, args, skipped, optional, where, prefix=""):
+    """Yield (name, mode, measure(fn, mode, *args)) for every provider in fns and every mode.
+
+    A provider in `optional` that raises is dropped from fns (for later shapes too) and the reason
+    recorded in skipped[prefix + name] (meta["skipped"] of a results file) and printed; where
+    names the shape. Any other provider's error propagates.
+    """
+    for name, fn in list(fns.items()):
+        for mode in modes:
+            try:
+                result = measure(fn, mode, *args)
+            except Exception as e:  # noqa: BLE001  (an optional provider's failure is data)
+                if name not in optional:
+                    raise
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                skipped[prefix + name] = f"failed at {where} {mode}: {type(e).__name__}: {first}"
+                print(f"{prefix}{name}: skipped, {skipped[prefix + name]}")
+                del fns[name]
+                break
+            yield name, mode, result
+
+
 # --- the machine --------------------------------------------------------------------------------
 
 def require_cuda(what):

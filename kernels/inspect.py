@@ -95,12 +95,44 @@ def _layer_norm_bwd(ln, C, dtype):
         num_warps=num_warps)
 
 
+def _ce_args(V, dtype, names):
+    """Arguments shared by the cross-entropy kernels: logits rows of V, int64 targets, fp32 stats."""
+    p = "*" + dtype
+    common = dict(X=p, T="*i64", Loss="*fp32", Stats="*fp32", G=p, Scale="*fp32",
+                  stride_xm=V, stride_xv=1, stride_t=1, stride_gm=V, stride_gv=1, stride_s="i32",
+                  V=V, ignore_index="i32", smoothing="fp32")
+    return {name: common[name] for name in names}
+
+
+def _cross_entropy_fwd(ce, V, dtype):
+    """The forward as linear_cross_entropy launches it: statistics and the gradient in place."""
+    block_v, num_warps = ce._block_v(V)
+    names = ("X", "T", "Loss", "Stats", "G", "Scale", "stride_xm", "stride_xv", "stride_t",
+             "stride_gm", "stride_gv", "stride_s", "V", "ignore_index", "smoothing")
+    return Launch(args=_ce_args(V, dtype, names),
+                  constexprs=dict(STORE_STATS=True, WRITE_GRAD=True, HAS_SMOOTHING=False,
+                                  ACC=_tl().float32, BLOCK_V=block_v),
+                  num_warps=num_warps)
+
+
+def _cross_entropy_bwd(ce, V, dtype):
+    block_v, num_warps = ce._block_v(V)
+    names = ("X", "T", "Stats", "G", "Scale", "stride_xm", "stride_xv", "stride_t", "stride_gm",
+             "stride_gv", "stride_s", "V", "ignore_index", "smoothing")
+    return Launch(args=_ce_args(V, dtype, names),
+                  constexprs=dict(ACC=_tl().float32, BLOCK_V=block_v), num_warps=num_warps)
+
+
 def kernel_table():
     """Every kernel of the project with the configs to compile it at."""
     ln_configs = _width_configs(limits=(8192, _module("layer_norm").MAX_C))
+    # GPT-2's vocabulary, and the padded 50304 its training uses.
+    ce_configs = tuple(Config(f"V={V} bf16", {"V": V, "dtype": "bf16"}, True) for V in (50257, 50304))
     return [
         Kernel("layer_norm", "_layer_norm_fwd_kernel", _layer_norm_fwd, ln_configs),
         Kernel("layer_norm", "_layer_norm_bwd_kernel", _layer_norm_bwd, ln_configs),
+        Kernel("cross_entropy", "_cross_entropy_fwd_kernel", _cross_entropy_fwd, ce_configs),
+        Kernel("cross_entropy", "_cross_entropy_bwd_kernel", _cross_entropy_bwd, ce_configs),
     ]
 
 

@@ -49,3 +49,13 @@ def assert_close_2x(actual, baseline, oracle, name, factor=2.0, slack=None):
            f"{slack:.1e} abs / {rel_slack:.1e} rel")
     assert k_abs <= factor * t_abs + slack, msg
     assert k_rel <= factor * t_rel + rel_slack, msg
+
+
+def forbid_launches(monkeypatch, module, *kernel_names):
+    """Make launching any of module's named Triton kernels fail the test (for input checks that
+    must raise before a kernel runs)."""
+    class Forbidden:
+        def __getitem__(self, grid):
+            raise AssertionError("a kernel was launched before the input check")
+    for name in kernel_names:
+        monkeypatch.setattr(module, name, Forbidden())

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import bench_cross_entropy as bce
 from bench import bench_layer_norm as bln
 from bench import harness, report
 
@@ -198,6 +199,38 @@ def test_bench_layer_norm_skips_cleanly_without_cuda(tmp_path, cmd):
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "bench_layer_norm: skipped, needs a CUDA GPU (none found)" in proc.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_cross_entropy_counts():
+    assert bce.cross_entropy_bytes(4, 10, "fwd") == 80  # bf16 logits read once
+    assert bce.cross_entropy_bytes(4, 10, "fwd_bwd") == 3 * 80
+    assert bce.linear_cross_entropy_flops(4, 8, 10, "bwd") == 4 * 320
+
+
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
+def test_bench_cross_entropy_run_on_cpu(monkeypatch, op):
+    """bench_cross_entropy.run with the timers stubbed and a tiny vocabulary: one row per
+    provider and mode, with the op's throughput unit."""
+    monkeypatch.setattr(bce, "V", 64)
+    monkeypatch.setattr(bce, "C", 16)
+    monkeypatch.setattr(bce, "DTYPE", torch.float32)
+    monkeypatch.setattr(harness, "time_ms", lambda fn, warmup, rep, grad_to_none: (fn(), dict(TIMING))[1])
+    monkeypatch.setattr(harness, "peak_memory_mb", lambda fn: (fn(), 1.0)[1])
+    fns, skipped = bce.providers(op, no_compile=True)
+    fns = {k: fns[k] for k in ("triton", "torch")}
+    rows = bce.run(op, (5,), fns, skipped, warmup=1, rep=1, device="cpu")
+    assert [(r["provider"], r["mode"]) for r in rows] == [(p, m) for p in fns for m in bce.MODES]
+    unit = "gbps" if op == "cross_entropy" else "tflops"
+    assert all(r[unit] > 0 for r in rows) and rows[0]["shape"]["V"] == 64
+
+
+def test_bench_cross_entropy_skips_cleanly_without_cuda(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "bench/bench_cross_entropy.py", "--quick", "--out-dir",
+                           str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "bench_cross_entropy: skipped, needs a CUDA GPU (none found)" in proc.stdout
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,0 +1,165 @@
+"""Benchmark cross-entropy and linear + cross-entropy: Triton against PyTorch eager, torch.compile, Liger.
+
+    python bench/bench_cross_entropy.py [--quick] [--no-compile] [--out-dir bench/results]
+    python -m bench.bench_cross_entropy ...
+
+Shapes: N in {4096, 16384, 32768} rows (GPT-2 124M's B*T is 16384), V = 50257, bf16; linear
+cross-entropy with C = 768 (GPT-2's lm_head). Modes fwd, bwd and fwd_bwd, loss "mean" with
+ignore_index=-1 and a few rows ignored, as in training. Inputs require grad in every mode.
+
+- op "cross_entropy": triton = kernels.cross_entropy, torch = reference.cross_entropy
+  (F.cross_entropy on the materialised logits upcast to fp32), torch_compile of the reference,
+  liger = Liger-Kernel's cross entropy (it writes the gradient into the logits in place).
+- op "linear_cross_entropy": triton = kernels.linear_cross_entropy, torch = F.linear then
+  F.cross_entropy (reference.linear_cross_entropy), torch_compile of it, liger = Liger's fused
+  linear cross entropy.
+- bwd runs the forward once outside the timing and times loss.backward(retain_graph=True);
+  gradients are set to None before each timed run (grad_to_none). fwd_bwd times both.
+  Note: linear_cross_entropy (ours and Liger's) computes its gradients during the forward, so its
+  fwd is most of the work and its bwd only scales them.
+
+GB/s (cross_entropy) counts the minimum traffic: fwd reads the logits once; bwd reads them and
+writes their gradient; fwd_bwd both. TFLOP/s (linear_cross_entropy) counts the matmuls: 2*N*C*V
+for fwd, 4*N*C*V for bwd, 6*N*C*V for fwd_bwd, whatever a provider really does. Peak memory:
+harness.peak_memory_mb, what one call allocates beyond its inputs. A provider that cannot run
+(Liger not installed, torch.compile failing) is reported in meta["skipped"]; the run goes on.
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench import harness  # noqa: E402
+
+ROWS = (4096, 16384, 32768)
+QUICK_ROWS = (16384,)
+V = 50257
+C = 768
+MODES = ("fwd", "bwd", "fwd_bwd")
+DTYPE = torch.bfloat16
+IGNORE_INDEX = -1
+OPTIONAL = ("torch_compile", "liger")  # providers whose failure skips them instead of stopping the run
+
+
+def cross_entropy_bytes(N, vocab, mode, itemsize=2):
+    """Minimum bytes moved: the logits read once per pass, their gradient written once."""
+    nv = N * vocab * itemsize
+    return {"fwd": nv, "bwd": 2 * nv, "fwd_bwd": 3 * nv}[mode]
+
+
+def linear_cross_entropy_flops(N, width, vocab, mode):
+    """Matmul FLOPs: logits = x @ W.T forward; dx = g @ W and dW = g.T @ x backward."""
+    return {"fwd": 2, "bwd": 4, "fwd_bwd": 6}[mode] * N * width * vocab
+
+
+def providers(op, no_compile=False):
+    """({name: fn(*inputs, targets)}, {name: why skipped}) for `op` on this machine."""
+    import kernels
+    from kernels import reference
+
+    ours, ref = getattr(kernels, op), getattr(reference, op)
+    fns = {"triton": ours, "torch": ref}
+    skipped = {}
+    if no_compile:
+        skipped["torch_compile"] = "--no-compile"
+    else:
+        fns["torch_compile"] = torch.compile(ref, dynamic=False)
+    try:  # the nn.Module wrappers: their signatures are stable across Liger versions
+        from liger_kernel.transformers import LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
+    except ImportError as e:
+        skipped["liger"] = f"not installed ({e})"
+    else:
+        ce = LigerCrossEntropyLoss(ignore_index=IGNORE_INDEX)
+        fused = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)
+        if op == "cross_entropy":
+            fns["liger"] = lambda logits, targets, ignore_index: ce(logits, targets)
+        else:
+            fns["liger"] = lambda x, w, targets, ignore_index: fused(w, x, targets)
+    return fns, skipped
+
+
+def make_inputs(op, N, device="cuda"):
+    """The differentiable inputs of `op` (logits, or x and the lm_head weight) and the targets."""
+    targets = torch.randint(0, V, (N,), device=device)
+    targets[::50] = IGNORE_INDEX
+    if op == "cross_entropy":
+        return [torch.randn(N, V, device=device, dtype=DTYPE).requires_grad_()], targets
+    x = torch.randn(N, C, device=device, dtype=DTYPE).requires_grad_()
+    w = (0.02 * torch.randn(V, C, device=device, dtype=DTYPE)).requires_grad_()
+    return [x, w], targets
+
+
+def runner(fn, mode, tensors, targets):
+    """The callable to time for `mode` (for bwd, after running the forward once)."""
+    def forward():
+        return fn(*tensors, targets, ignore_index=IGNORE_INDEX)
+
+    if mode == "fwd":
+        return forward
+    if mode == "bwd":
+        loss = forward()
+        return lambda: loss.backward(retain_graph=True)
+    return lambda: forward().backward()
+
+
+def measure(fn, mode, inputs, warmup, rep):
+    """(time_ms dict, peak MiB) of one provider in one mode."""
+    tensors, targets = inputs
+    run = runner(fn, mode, tensors, targets)
+    timing = harness.time_ms(run, warmup=warmup, rep=rep, grad_to_none=tensors)
+    for t in tensors:
+        t.grad = None  # gradients left over from warm-up would be freed inside the measured call
+    mem = harness.peak_memory_mb(run)
+    for t in tensors:
+        t.grad = None
+    return timing, mem
+
+
+def rate(op, N, mode, ms):
+    """(gbps, tflops) of one row."""
+    if op == "cross_entropy":
+        return harness.gbps(cross_entropy_bytes(N, V, mode), ms), None
+    return None, harness.tflops(linear_cross_entropy_flops(N, C, V, mode), ms)
+
+
+def run(op, row_counts, fns, skipped, warmup, rep, device="cuda"):
+    """Time every provider of `op` in every mode at every N; return the rows."""
+    rows = []
+    shape_extra = {"V": V} if op == "cross_entropy" else {"C": C, "V": V}
+    for N in row_counts:
+        inputs = make_inputs(op, N, device)
+        results = harness.measure_providers(fns, MODES, measure, (inputs, warmup, rep), skipped, OPTIONAL,
+                                            f"N={N}", prefix=f"{op}:")
+        for name, mode, (timing, mem) in results:
+            gb, tf = rate(op, N, mode, timing["ms"])
+            rows.append(harness.make_row(op, name, mode, DTYPE, {"rows": N, **shape_extra}, timing,
+                                         gbps=gb, tflops=tf, peak_mem_mb=mem))
+        del inputs
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None):
+    args = harness.arg_parser(__doc__.splitlines()[0]).parse_args(argv)
+    if not harness.require_cuda("bench_cross_entropy"):
+        return 0
+    from bench.report import render_markdown
+
+    warmup, rep = (5, 20) if args.quick else (25, 100)
+    rows, skipped = [], {}
+    for op in ("cross_entropy", "linear_cross_entropy"):
+        fns, op_skipped = providers(op, args.no_compile)
+        skipped.update({f"{op}:{k}": v for k, v in op_skipped.items()})
+        rows += run(op, QUICK_ROWS if args.quick else ROWS, fns, skipped, warmup, rep)
+    meta = dict(harness.machine_meta(), skipped=skipped)
+    path = harness.write_results(rows, meta, args.out_dir, name="cross_entropy")
+    print(render_markdown([dict(harness.load_results(path), path=str(path))]))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
