@@ -12,6 +12,11 @@ elsewhere), "all" (every available kernel, and an error where Triton cannot run)
 comma-separated subset such as "layer_norm,mlp". The choice is made at each forward from the
 device of `idx`; it never changes the parameters, so state dicts are the same in every mode and
 published GPT-2 weights load into any of them.
+
+With the cross_entropy kernel on and targets given, the forward fuses the lm_head projection into
+the loss (`kernels.linear_cross_entropy` on the final hidden state with the tied lm_head weight):
+the (B, T, V) logits are never materialised and the forward returns (None, loss). Call the model
+without targets to get logits.
 """
 import dataclasses
 import json
@@ -122,6 +127,9 @@ def select_ops(config, device):
 
     return SimpleNamespace(layer_norm=pick("layer_norm"), mlp=pick("mlp"),
                            cross_entropy=pick("cross_entropy"),
+                           # the fused lm_head + loss, only with the cross_entropy kernel on
+                           linear_cross_entropy=(kernels.linear_cross_entropy
+                                                 if "cross_entropy" in on else None),
                            attention=_flash_attention if "attention" in on else _sdpa)
 
 
@@ -278,14 +286,23 @@ class GPT(nn.Module):
                              f"got {tuple(targets.shape)} on {targets.device}")
 
     def forward(self, idx, targets=None):
-        """idx: (B, T) int64 token ids -> (logits (B, T, V), mean loss over targets != -1 or None)."""
+        """idx: (B, T) int64 token ids -> (logits (B, T, V), mean loss over targets != -1 or None).
+
+        With targets and the cross_entropy kernel on, the loss comes from linear_cross_entropy on
+        the final hidden state (lm_head fused in, logits never materialised) and logits is None.
+        """
         self._check_inputs(idx, targets)
         ops = select_ops(self.config, idx.device)
         pos = torch.arange(idx.shape[1], device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x, ops)
-        logits = self.lm_head(self.transformer.ln_f(x, ops))
+        x = self.transformer.ln_f(x, ops)
+        if targets is not None and ops.linear_cross_entropy is not None:
+            loss = ops.linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight,
+                                            targets.reshape(-1), ignore_index=-1)
+            return None, loss
+        logits = self.lm_head(x)
         if targets is None:
             return logits, None
         loss = ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)

@@ -87,6 +87,30 @@ def test_layer_norm_kernel_is_available():
     assert "layer_norm" in gpt.available_kernels()
 
 
+def test_cross_entropy_kernel_fuses_the_lm_head(monkeypatch, device):
+    """With the cross_entropy kernel on and targets given, the loss comes from linear_cross_entropy
+    on the final hidden state with the tied lm_head weight, and no logits are returned."""
+    seen = []
+    real = kernels.linear_cross_entropy
+
+    def fused(x, weight, targets, **kwargs):
+        seen.append((x.shape, weight, kwargs))
+        return real(x, weight, targets, **kwargs)
+
+    monkeypatch.setattr(kernels, "linear_cross_entropy", fused)
+    ce_calls = spy(monkeypatch, "cross_entropy", kernels.cross_entropy)
+    model = tiny(device, kernels="cross_entropy")
+    idx, targets = batch(device)
+    logits, loss = model(idx, targets)
+    assert logits is None and loss.shape == () and ce_calls == []
+    assert len(seen) == 1 and seen[0][0] == (idx.numel(), TINY.n_embd)
+    assert seen[0][1] is model.lm_head.weight and seen[0][2] == {"ignore_index": -1}
+    assert model(idx)[0].shape == (*idx.shape, TINY.vocab_size) and len(seen) == 1
+    off = tiny(device, kernels="layer_norm")
+    off.load_state_dict(model.state_dict())
+    assert off(idx, targets)[0] is not None and len(seen) == 1
+
+
 def test_unavailable_kernel_is_refused(monkeypatch, device):
     monkeypatch.delattr(kernels, "layer_norm")
     with pytest.raises(ValueError, match="kernel 'layer_norm' is not implemented yet; available: "):
@@ -133,10 +157,13 @@ def test_without_triton_auto_is_the_reference_and_explicit_kernels_raise(monkeyp
 # ---------------------------------------------------------------- forward, loss, init
 
 def forward_backward(model, idx, targets):
-    """logits, loss and every parameter gradient of one forward and backward, by name."""
-    logits, loss = model(idx, targets)
+    """logits (from a call without targets: with the cross_entropy kernel on, a call with targets
+    returns none), loss and every parameter gradient of one forward and backward, by name."""
+    with torch.no_grad():
+        logits = model(idx)[0]
+    loss = model(idx, targets)[1]
     loss.backward()
-    out = {"logits": logits.detach(), "loss": loss.detach()}
+    out = {"logits": logits, "loss": loss.detach()}
     out.update((f"grad {name}", p.grad) for name, p in model.named_parameters())
     return out
 
@@ -163,7 +190,8 @@ def test_targets_of_minus_one_are_ignored(device):
     model = tiny(device)
     idx, targets = batch(device)
     targets[:, ::3] = -1
-    logits, loss = model(idx, targets)
+    loss = model(idx, targets)[1]
+    logits = model(idx)[0]
     kept = targets != -1
     logp = torch.log_softmax(logits.detach().double(), dim=-1)[kept]
     expected = -logp.gather(1, targets[kept].unsqueeze(1)).mean()
