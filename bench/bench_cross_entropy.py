@@ -108,14 +108,7 @@ def runner(fn, mode, tensors, targets):
 def measure(fn, mode, inputs, warmup, rep):
     """(time_ms dict, peak MiB) of one provider in one mode."""
     tensors, targets = inputs
-    run = runner(fn, mode, tensors, targets)
-    timing = harness.time_ms(run, warmup=warmup, rep=rep, grad_to_none=tensors)
-    for t in tensors:
-        t.grad = None  # gradients left over from warm-up would be freed inside the measured call
-    mem = harness.peak_memory_mb(run)
-    for t in tensors:
-        t.grad = None
-    return timing, mem
+    return harness.time_and_peak(runner(fn, mode, tensors, targets), tensors, warmup, rep)
 
 
 def rate(op, N, mode, ms):

@@ -94,14 +94,7 @@ def runner(fn, mode, x, w, b, dy):
 def measure(fn, mode, inputs, warmup, rep):
     """(time_ms dict, peak MiB) of one provider in one mode."""
     x, w, b, dy = inputs
-    run = runner(fn, mode, x, w, b, dy)
-    timing = harness.time_ms(run, warmup=warmup, rep=rep, grad_to_none=[x, w, b])
-    for t in (x, w, b):
-        t.grad = None  # gradients left over from warm-up would be freed inside the measured call
-    mem = harness.peak_memory_mb(run)
-    for t in (x, w, b):
-        t.grad = None
-    return timing, mem
+    return harness.time_and_peak(runner(fn, mode, x, w, b, dy), [x, w, b], warmup, rep)
 
 
 def run(widths, fns, skipped, copy_gbps, warmup, rep, device="cuda"):

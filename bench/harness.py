@@ -74,6 +74,21 @@ def peak_memory_mb(fn):
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
+def time_and_peak(run, leaves, warmup, rep):
+    """(time_ms dict, peak MiB) of run(), whose backward (if any) writes into leaves' .grad.
+
+    Gradients are cleared before every timed run and before the memory measurement: grads left
+    over from warm-up would otherwise be freed inside the measured call and hide the new ones.
+    """
+    timing = time_ms(run, warmup=warmup, rep=rep, grad_to_none=leaves)
+    for t in leaves:
+        t.grad = None
+    mem = peak_memory_mb(run)
+    for t in leaves:
+        t.grad = None
+    return timing, mem
+
+
 def gbps(nbytes, ms):
     """Throughput in GB/s (1e9 bytes per second) for nbytes moved in ms milliseconds."""
     return nbytes / ms / 1e6
