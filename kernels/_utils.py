@@ -58,9 +58,15 @@ def needs_grad(*inputs):
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
 
 
+def acc_torch_dtype(dtype):
+    """The accumulation dtype for inputs of `dtype`: fp64 stays fp64 (for gradcheck), else fp32.
+    Saved statistics, losses and parameter-gradient partials are kept in it."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def acc_dtype(dtype):
-    """The accumulation dtype for inputs of `dtype`: fp64 stays fp64 (for gradcheck), else fp32."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    """acc_torch_dtype as a Triton dtype, for the kernels' ACC constexpr."""
+    return tl.float64 if acc_torch_dtype(dtype) == torch.float64 else tl.float32
 
 
 @functools.lru_cache(maxsize=None)

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._utils import acc_dtype, check_device, check_tensor, needs_grad
+from ._utils import acc_dtype, acc_torch_dtype, check_device, check_tensor, needs_grad
 
 # Largest (rows x V) logits chunk linear_cross_entropy materialises, in bytes of x's dtype.
 CHUNK_BYTES = 256 * 2**20
@@ -139,10 +139,6 @@ def _block_v(V):
     return block_v, max(1, min(8, block_v // 512))
 
 
-def _loss_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ---------------------------------------------------------------- input checks
 
 def _check_options(targets, N, ignore_index, reduction, label_smoothing):
@@ -207,7 +203,7 @@ def _cross_entropy_fwd(logits, targets, ignore_index, smoothing, store_stats, gr
     logits itself when logits is ours) and scale (per-row factors, any stride), also writes
     scale * d loss_row / d logits into grad."""
     N, V = logits.shape
-    loss = torch.empty(N, dtype=_loss_dtype(logits.dtype), device=logits.device)
+    loss = torch.empty(N, dtype=acc_torch_dtype(logits.dtype), device=logits.device)
     stats = torch.empty((N, 2), dtype=loss.dtype, device=logits.device) if store_stats else None
     if N > 0:
         block_v, num_warps = _block_v(V)
@@ -271,7 +267,7 @@ def _linear_ce_chunks(x, weight, bias, targets, ignore_index, smoothing, need, s
     V = weight.shape[0]
     need_dx, need_dw, need_db = need
     write_grad = any(need)
-    acc = _loss_dtype(x.dtype)
+    acc = acc_torch_dtype(x.dtype)
     dx = torch.empty((N, C), dtype=x.dtype, device=x.device) if need_dx else None
     dw = torch.zeros((V, C), dtype=acc, device=x.device) if need_dw else None
     db = torch.zeros(V, dtype=acc, device=x.device) if need_db else None
@@ -333,7 +329,7 @@ class LinearCrossEntropyFn(torch.autograd.Function):
                                                 label_smoothing, (False, False, False))
             ctx.save_for_backward(x, weight, bias, targets, stats)
             return loss
-        acc = _loss_dtype(x.dtype)
+        acc = acc_torch_dtype(x.dtype)
         if reduction == "mean":
             count = (targets != ignore_index).sum()
             scale = (1.0 / count.to(acc)).expand(x.shape[0])  # inf when all ignored; those rows get 0

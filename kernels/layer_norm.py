@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._utils import FLOAT_DTYPES, acc_dtype, check_device, check_tensor, needs_grad, num_programs_for
+from ._utils import (FLOAT_DTYPES, acc_dtype, acc_torch_dtype, check_device, check_tensor, needs_grad,
+                     num_programs_for)
 
 MAX_C = 16384
 
@@ -138,7 +139,7 @@ def _layer_norm_fwd(x, weight, bias, eps, store_stats):
     C = x.shape[-1]
     x2 = x.reshape(-1, C)  # a view whenever x's layout allows; the kernel takes both strides
     M = x2.shape[0]
-    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    stat_dtype = acc_torch_dtype(x.dtype)
     y = torch.empty((M, C), dtype=x.dtype, device=x.device)
     mean = rstd = None
     if store_stats:
@@ -169,7 +170,7 @@ def _layer_norm_bwd(dy, x, weight, mean, rstd, need_dx, need_dw, need_db):
     rows_per_prog = triton.cdiv(tiles, programs) * block_m
     programs = triton.cdiv(M, rows_per_prog) if M > 0 else 1
     dx = torch.empty((M, C), dtype=x.dtype, device=x.device) if need_dx else None
-    partial = torch.float64 if x.dtype == torch.float64 else torch.float32
+    partial = acc_torch_dtype(x.dtype)
     dw_part = torch.zeros((programs, C), dtype=partial, device=x.device) if need_dw else None
     db_part = torch.zeros((programs, C), dtype=partial, device=x.device) if need_db else None
     if M > 0:
