@@ -3,12 +3,19 @@
 Everything runs offline on CPU. Tests that need the real GPT-2 tokenizer or tiny Shakespeare take
 them from ../shared/data beside the repository and skip cleanly when it is absent.
 """
+import hashlib
 import json
+import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import tiktoken
+import tiktoken.load
 import torch
 
+from data import prepare, tokenizer
 from data.loader import EOT, TokenLoader
 
 
@@ -166,3 +173,185 @@ def test_bad_arguments_name_the_argument(kwargs, error):
     name = next(iter(kwargs))
     with pytest.raises(error, match=name if name != "shards" else "shards"):
         TokenLoader(**args)
+
+
+# ----------------------------------------------------------------------------------------------
+# the tokenizer
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def gpt2_dir(monkeypatch):
+    """A tokenizer folder for GPT-2 from ../shared/data (or None with TIKTOKEN_CACHE_DIR set to
+    the shared tiktoken cache instead); skips when neither holds the real files."""
+    monkeypatch.delenv("TRITONGPT_TOKENIZER_DIR", raising=False)
+    if all((SHARED / "gpt2" / name).is_file() for name in tokenizer.FILES):
+        return str(SHARED / "gpt2")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken-cache"))
+    if tokenizer._cached_files() is None:
+        pytest.skip("GPT-2 tokenizer files not found in ../shared/data")
+    return None
+
+
+def no_download():
+    raise ConnectionError("no network in this test")
+
+
+def tiny_tokenizer(folder, merges=(("t", "h"), ("th", "e"), ("Ġ", "the"))):
+    """A GPT-2-format tokenizer with the 256 bytes (id = byte value) and a few merges."""
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = tokenizer.byte_symbols()
+    encoder = {symbols[b]: b for b in range(256)}
+    for i, (left, right) in enumerate(merges):
+        encoder[left + right] = 256 + i
+    (folder / "encoder.json").write_text(json.dumps(encoder), encoding="utf-8")
+    lines = ["#version: 0.2"] + [f"{left} {right}" for left, right in merges]
+    (folder / "vocab.bpe").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(folder)
+
+
+def test_tokenizer_from_local_folder_is_gpt2(gpt2_dir, monkeypatch):
+    if gpt2_dir is None:
+        pytest.skip("only the tiktoken cache is available")
+    monkeypatch.setattr(tokenizer, "_download", no_download)
+    enc = tokenizer.gpt2_encoding(gpt2_dir)
+    assert enc.encode("Hello world") == [15496, 995]
+    assert enc.n_vocab == 50257 and enc.eot_token == EOT == tokenizer.EOT
+    # the ranks equal what tiktoken's own loader makes of the same files
+    vocab, encoder = str(Path(gpt2_dir) / "vocab.bpe"), str(Path(gpt2_dir) / "encoder.json")
+    ours = tokenizer.ranks_from_files(encoder, vocab)
+    try:
+        theirs = tiktoken.load.data_gym_to_mergeable_bpe_ranks(vocab, encoder)
+    except ImportError:  # older tiktoken reads local files only through blobfile
+        pytest.skip("this tiktoken needs blobfile to read local files")
+    assert ours == theirs
+    monkeypatch.setenv("TRITONGPT_TOKENIZER_DIR", gpt2_dir)
+    assert tokenizer.gpt2_encoding().encode(" the cat") == enc.encode(" the cat")
+
+
+def test_tokenizer_from_tiktoken_cache_without_network(gpt2_dir, tmp_path, monkeypatch):
+    if gpt2_dir is not None:  # make a cache the way tiktoken names it: sha1 of the URL
+        for name in tokenizer.FILES:
+            key = hashlib.sha1(tokenizer.URLS[name].encode()).hexdigest()
+            shutil.copy(Path(gpt2_dir) / name, tmp_path / key)
+        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tokenizer, "_download", no_download)
+    assert tokenizer.gpt2_encoding().encode("Hello world") == [15496, 995]
+
+
+def test_tokenizer_error_says_how_to_fix(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITONGPT_TOKENIZER_DIR", raising=False)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    # a cached file that is not GPT-2's (wrong sha256) is not used
+    (tmp_path / hashlib.sha1(tokenizer.URLS["vocab.bpe"].encode()).hexdigest()).write_text("junk")
+    monkeypatch.setattr(tokenizer, "_download", no_download)
+    with pytest.raises(RuntimeError, match="TIKTOKEN_CACHE_DIR") as info:
+        tokenizer.gpt2_encoding()
+    assert "encoder.json" in str(info.value) and "vocab.bpe" in str(info.value)
+    with pytest.raises(FileNotFoundError, match="encoder.json"):
+        tokenizer.gpt2_encoding(str(tmp_path))
+
+
+def test_tokenizer_files_must_agree(tmp_path):
+    enc = tokenizer.gpt2_encoding(tiny_tokenizer(tmp_path / "ok"))
+    assert enc.encode("the") == [257] and enc.encode(" the") == [258]
+    assert enc.decode([258, 33]) == " the!"
+    bad = tiny_tokenizer(tmp_path / "bad")
+    (Path(bad) / "vocab.bpe").write_text("#version: 0.2\nth e\nt h\nĠ the\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="disagree"):
+        tokenizer.gpt2_encoding(bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# preparation
+
+WORDS = "the thin theme then other thesis tooth their three breathe the".split()
+
+
+def passages(count, seed=0):
+    """Text made by the test: `count` passages of words, separated by blank lines."""
+    rng = np.random.default_rng(seed)
+    return ["\n".join(" ".join(rng.choice(WORDS, rng.integers(1, 9))) for _ in range(rng.integers(1, 4)))
+            for _ in range(count)]
+
+
+def read_shards(paths):
+    return [np.load(p) for p in paths]
+
+
+def split_docs(tokens):
+    """The documents of a shard as token lists, each without its leading EOT."""
+    assert tokens[0] == EOT  # a shard starts with a whole document
+    cuts = list(np.flatnonzero(tokens == EOT)) + [len(tokens)]
+    return [tokens[a + 1:b].tolist() for a, b in zip(cuts, cuts[1:])]
+
+
+def test_prepare_shakespeare_writes_val_then_train(tmp_path, capsys):
+    tok = tiny_tokenizer(tmp_path / "tok")
+    texts = passages(60)
+    source = tmp_path / "input.txt"
+    source.write_text("\n\n".join(texts) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    paths = prepare.main(["shakespeare", "--input", str(source), "--out-dir", str(out),
+                          "--tokenizer-dir", tok, "--workers", "1"])
+    assert [Path(p).name for p in paths] == ["shakespeare_val_000000.npy", "shakespeare_train_000001.npy"]
+    assert "wrote 2 shards" in capsys.readouterr().out
+    shards = read_shards(paths)
+    assert all(s.dtype == np.uint16 for s in shards)
+    enc = tokenizer.gpt2_encoding(tok)
+    docs = [enc.decode(d) for s in shards for d in split_docs(s)]
+    assert docs == texts[:-1] + [texts[-1] + "\n"]  # the passages in order (the file's last newline kept)
+    total = sum(len(s) for s in shards)
+    assert 0.05 * total < len(shards[0]) <= 0.1 * total  # val: the first ~10% of tokens, whole documents
+    assert sorted(p.name for p in out.iterdir()) == sorted(Path(p).name for p in paths)  # no temporary files left
+
+
+def test_fineweb_sharding_with_a_fake_stream_and_a_pool(tmp_path):
+    tok = tiny_tokenizer(tmp_path / "tok")
+    texts = [t.replace("\n", " ") for t in passages(40, seed=1)] + ["the " * 80]  # the last: longer than a shard
+    one = prepare.prepare_fineweb(str(tmp_path / "a"), shard_tokens=60, workers=1, tokenizer_dir=tok,
+                                  texts=iter(texts), total=None)
+    two = prepare.prepare_fineweb(str(tmp_path / "b"), shard_tokens=60, workers=2, tokenizer_dir=tok,
+                                  texts=iter(texts), total=None)
+    assert [Path(p).name for p in one] == [Path(p).name for p in two]
+    assert Path(one[0]).name == "fineweb-edu_val_000000.npy"
+    assert [Path(p).name for p in one[1:3]] == ["fineweb-edu_train_000001.npy", "fineweb-edu_train_000002.npy"]
+    a, b = read_shards(one), read_shards(two)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))  # the pool keeps the documents' order
+    # a shard never passes 60 tokens unless it is one document longer than that (the last here)
+    assert all(len(s) <= 60 or len(split_docs(s)) == 1 for s in a)
+    assert len(a[-1]) == 82  # EOT, "the", 79 x " the", " "
+    assert len(a) > 4 and sum(len(s) > 60 for s in a) >= 1
+    enc = tokenizer.gpt2_encoding(tok)
+    assert [enc.decode(d) for s in a for d in split_docs(s)] == texts
+    # rerun with bigger shards: the old shards of this name disappear
+    again = prepare.prepare_fineweb(str(tmp_path / "a"), shard_tokens=800, workers=1, tokenizer_dir=tok,
+                                    texts=iter(texts), total=None)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(Path(p).name for p in again)
+    assert len(again) == 2 and np.array_equal(np.concatenate(read_shards(again)), np.concatenate(a))
+
+
+def test_fineweb_without_datasets_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(SystemExit, match="pip install datasets"):
+        prepare.main(["fineweb-edu", "--out-dir", str(tmp_path), "--workers", "1"])
+
+
+def test_prepare_real_shakespeare_then_load(gpt2_dir, tmp_path):
+    source = SHARED / "tinyshakespeare.txt"
+    if not source.is_file():
+        pytest.skip("../shared/data/tinyshakespeare.txt not found")
+    text = source.read_text(encoding="utf-8")
+    paths = prepare.prepare_shakespeare(str(tmp_path), str(source), workers=1, tokenizer_dir=gpt2_dir)
+    shards = read_shards(paths)
+    enc = tokenizer.gpt2_encoding(gpt2_dir)
+    docs = [enc.decode(d) for s in shards for d in split_docs(s)]
+    assert docs[0] == "First Citizen:\nBefore we proceed any further, hear me speak."
+    assert docs == prepare.shakespeare_documents(text) and len(docs) > 7000  # every passage, in order
+    val, total = len(shards[0]), sum(len(s) for s in shards)
+    assert 0.09 * total < val <= 0.1 * total and 300_000 < total < 400_000
+    loader = TokenLoader.from_dir(tmp_path, "train", batch_size=4, seq_len=64, seed=0)
+    x, _ = loader.next_batch()
+    pieces = enc.decode(x.reshape(-1).tolist()).split("<|endoftext|>")
+    assert len(pieces) > 1 and all(piece in text for piece in pieces)  # whole passages of the play
