@@ -5,6 +5,7 @@ them from ../shared/data beside the repository and skip cleanly when it is absen
 """
 import hashlib
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -14,8 +15,9 @@ import pytest
 import tiktoken
 import tiktoken.load
 import torch
+import torch.nn.functional as F
 
-from data import prepare, tokenizer
+from data import hellaswag, prepare, tokenizer
 from data.loader import EOT, TokenLoader
 
 
@@ -355,3 +357,130 @@ def test_prepare_real_shakespeare_then_load(gpt2_dir, tmp_path):
     x, _ = loader.next_batch()
     pieces = enc.decode(x.reshape(-1).tolist()).split("<|endoftext|>")
     assert len(pieces) > 1 and all(piece in text for piece in pieces)  # whole passages of the play
+
+
+# ----------------------------------------------------------------------------------------------
+# HellaSwag
+
+
+class ByteEncoding:
+    """A stand-in tokenizer: one token per UTF-8 byte."""
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+
+class BigramModel(torch.nn.Module):
+    """logits[b, t] = table[idx[b, t]]: each next-token distribution depends on one token only,
+    so the loss of a sequence can be worked out by hand."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def forward(self, idx):
+        return self.table[idx], None
+
+
+def write_hellaswag(path, examples):
+    """A .jsonl file in the real format (the fields of hellaswag_val.jsonl)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for i, (ctx, endings, label) in enumerate(examples):
+            f.write(json.dumps({"ind": i, "activity_label": "Test", "ctx_a": ctx, "ctx_b": "", "ctx": ctx,
+                                "split": "val", "split_type": "indomain", "label": label,
+                                "endings": endings, "source_id": f"test~{i}"}) + "\n")
+    return str(path)
+
+
+def hellaswag_examples(count, seed=0):
+    rng = np.random.default_rng(seed)
+    def words(n):
+        return " ".join(rng.choice(WORDS, n))
+    return [(words(rng.integers(2, 6)), [words(rng.integers(1, 5)) for _ in range(4)], int(rng.integers(4)))
+            for _ in range(count)]
+
+
+def hand_losses(table, ctx, ending):
+    """Mean over the ending's bytes of -log p(byte | previous byte), with plain floats."""
+    row = list(ctx.encode()) + list((" " + ending).encode())
+    losses = []
+    for t in range(len(ctx.encode()), len(row)):
+        scores = table[row[t - 1]].tolist()
+        top = max(scores)
+        log_z = top + math.log(sum(math.exp(s - top) for s in scores))
+        losses.append(log_z - scores[row[t]])
+    return sum(losses) / len(losses)
+
+
+def test_render_example_pads_and_masks_the_endings():
+    ctx, endings = "a cat", ["sat", "ran off", "", "is"]
+    tokens, mask, label = hellaswag.render_example({"ctx": ctx, "endings": endings, "label": "2"}, ByteEncoding())
+    assert tokens.shape == mask.shape == (4, 5 + 8) and tokens.dtype == mask.dtype == torch.long and label == 2
+    for i, ending in enumerate(endings):
+        row = list((ctx + " " + ending).encode())
+        assert tokens[i, :len(row)].tolist() == row and not tokens[i, len(row):].any()
+        assert mask[i].tolist() == [0] * 5 + [1] * (len(row) - 5) + [0] * (13 - len(row))
+
+
+def test_scoring_matches_a_hand_computation(tmp_path):
+    table = 3 * torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+    model = BigramModel(table)
+    examples = []
+    for i, (ctx, endings, _) in enumerate(hellaswag_examples(11)):
+        pick = int(np.argmin([hand_losses(table, ctx, e) for e in endings]))
+        examples.append((ctx, endings, pick if i % 2 == 0 else (pick + 1) % 4))  # even ones right
+    expected = 6
+    path = write_hellaswag(tmp_path / "val.jsonl", examples)
+    # the per-row losses themselves, on a padded batch of one example
+    tokens, mask, _ = hellaswag.render_example(next(hellaswag.iterate_examples(path)), ByteEncoding())
+    ctx, endings, _ = examples[0]
+    got = hellaswag.ending_losses(model(tokens)[0], tokens, mask)
+    want = torch.tensor([hand_losses(table, ctx, e) for e in endings], dtype=torch.float32)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got, want)
+    for batch_size in (1, 4, 64):  # padding depends on the batch; the counts must not
+        assert hellaswag.evaluate(model, path, "cpu", ByteEncoding(), batch_size=batch_size) == (expected, 11)
+    # ranks take disjoint shares whose counts add up to the whole
+    shares = [hellaswag.evaluate(model, path, "cpu", ByteEncoding(), rank=r, world_size=3, batch_size=2)
+              for r in range(3)]
+    assert shares == [(2, 4), (2, 4), (2, 3)]  # rank r: examples r, r + 3, ...; the even ones are right
+
+
+def test_known_ending_wins(tmp_path):
+    # a model sure that byte b is followed by byte b + 1: the ending "!\"#$" continues " " (32)
+    # with 33, 34, 35, 36 and is picked whatever its position among the endings
+    table = torch.zeros(256, 256)
+    table[torch.arange(255), torch.arange(1, 256)] = 20.0
+    winner = "!\"#$"
+    examples = [("abc", [winner, "zq", "xyz", "qqq"], 0), ("abc", ["zq", "xx", "qqq", winner], 3),
+                ("de", ["zq", winner, "x", "qqq"], 0)]
+    path = write_hellaswag(tmp_path / "val.jsonl", examples)
+    assert hellaswag.evaluate(BigramModel(table), path, "cpu", ByteEncoding(), batch_size=2) == (2, 3)
+
+
+def test_tiny_gpt_batched_equals_one_row_at_a_time(tmp_path):
+    from model.gpt import GPT, GPTConfig
+    model = GPT(GPTConfig.from_name("tiny", vocab_size=256, kernels="none")).eval()
+    examples = hellaswag_examples(6, seed=2)
+    path = write_hellaswag(tmp_path / "val.jsonl", examples)
+    correct = 0
+    with torch.no_grad():
+        for ctx, endings, label in examples:  # unpadded rows, one at a time
+            losses = []
+            for ending in endings:
+                row = torch.tensor([list((ctx + " " + ending).encode())])
+                logits, _ = model(row)
+                n = len(ctx.encode())
+                losses.append(F.cross_entropy(logits[0, n - 1:-1], row[0, n:]).item())
+            correct += int(np.argmin(losses)) == label
+    assert hellaswag.evaluate(model, path, "cpu", ByteEncoding(), batch_size=4) == (correct, 6)
+
+
+def test_download_caches_once_and_explains_offline(tmp_path):
+    source = write_hellaswag(tmp_path / "source.jsonl", hellaswag_examples(2))
+    path = hellaswag.download(tmp_path / "cache", url=Path(source).as_uri())
+    assert Path(path).read_text() == Path(source).read_text()
+    assert hellaswag.download(tmp_path / "cache", url="file:///nowhere/at/all.jsonl") == path  # cached
+    assert len(list(hellaswag.iterate_examples(path))) == 2
+    with pytest.raises(RuntimeError, match="copy it to"):
+        hellaswag.download(tmp_path / "empty", url=(tmp_path / "missing.jsonl").as_uri())
+    assert not (tmp_path / "empty" / "hellaswag_val.jsonl").exists()
