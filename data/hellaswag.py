@@ -89,7 +89,9 @@ def evaluate(model, path, device, enc, rank=0, world_size=1, batch_size=8):
     Rank r takes examples r, r + world_size, ...; summing both counts over ranks (all_reduce)
     gives the whole set's. batch_size examples (4 rows each, padded to the longest row; padding
     sits after every scored token, so a causal model's scores do not depend on it) go through
-    the model at once. The model is called as `logits, _ = model(idx)`; put it in eval mode first.
+    the model at once. The model is called as `logits, _ = model(idx)`; put it in eval mode first,
+    and under DDP pass the unwrapped module (ranks may run different numbers of batches, so no
+    collective may happen inside the forward). Wrap the call in autocast to score in bf16.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")

@@ -1,6 +1,6 @@
 """Tokenize a dataset with GPT-2's BPE into uint16 .npy shards for data.loader.TokenLoader.
 
-    python -m data.prepare shakespeare [--input FILE]       # tiny Shakespeare, ~338K tokens, seconds
+    python -m data.prepare shakespeare [--input FILE]       # tiny Shakespeare, ~331K tokens, seconds
     python -m data.prepare fineweb-edu                       # FineWeb-Edu sample-10BT, ~10B tokens, hours
 
 Options: --out-dir DIR (default data/<name>/ in the repository), --shard-tokens N (default 1e8),
@@ -57,8 +57,10 @@ def _tokenize(text):
 def tokenize_documents(texts, workers=1, tokenizer_dir=None):
     """Yield each text as a uint16 array [EOT, tokens...], in the input's order; with workers > 1
     a process pool tokenizes blocks of documents while the previous block is consumed."""
+    # load (and check) the tokenizer here first: a failing pool initializer would make the pool
+    # restart workers forever; forked workers also inherit the loaded encoding
+    _init_worker(tokenizer_dir)
     if workers <= 1:
-        _init_worker(tokenizer_dir)
         yield from map(_tokenize, texts)
         return
     texts = iter(texts)
@@ -137,6 +139,7 @@ def shakespeare_documents(text):
 
 def prepare_shakespeare(out_dir, input_path=None, shard_tokens=DEFAULT_SHARD_TOKENS, workers=1,
                         tokenizer_dir=None):
+    gpt2_encoding(tokenizer_dir)  # fail early, before any download, when the tokenizer is missing
     if input_path is None:
         input_path = fetch(SHAKESPEARE_URL, os.path.join(out_dir, "input.txt"), "tiny Shakespeare")
     with open(input_path, encoding="utf-8") as f:
@@ -159,6 +162,7 @@ def fineweb_texts():
 def prepare_fineweb(out_dir, shard_tokens=DEFAULT_SHARD_TOKENS, workers=1, tokenizer_dir=None, texts=None,
                     total=FINEWEB_DOCS):
     """Shard FineWeb-Edu (or any iterable of texts passed as `texts`): the first shard is val."""
+    gpt2_encoding(tokenizer_dir)  # fail early, before streaming starts, when the tokenizer is missing
     texts = fineweb_texts() if texts is None else texts
     docs = progress(tokenize_documents(texts, workers, tokenizer_dir), total=total)
     return write_shards(docs, out_dir, "fineweb-edu", shard_tokens, shard_tokens)

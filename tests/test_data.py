@@ -337,7 +337,14 @@ def test_fineweb_sharding_with_a_fake_stream_and_a_pool(tmp_path):
 def test_fineweb_without_datasets_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     with pytest.raises(SystemExit, match="pip install datasets"):
-        prepare.main(["fineweb-edu", "--out-dir", str(tmp_path), "--workers", "1"])
+        prepare.main(["fineweb-edu", "--out-dir", str(tmp_path / "out"), "--workers", "1",
+                      "--tokenizer-dir", tiny_tokenizer(tmp_path / "tok")])
+
+
+def test_missing_tokenizer_fails_before_the_pool_starts(tmp_path):
+    # a pool whose initializer raises would restart its workers forever: the error must come first
+    with pytest.raises(FileNotFoundError, match="encoder.json"):
+        prepare.prepare_fineweb(str(tmp_path), workers=2, tokenizer_dir=str(tmp_path), texts=iter(["a"]))
 
 
 def test_prepare_real_shakespeare_then_load(gpt2_dir, tmp_path):
