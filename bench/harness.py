@@ -1,4 +1,26 @@
-"""Shared plumbing for the op benchmarks: timing, memory, throughput, machine metadata, results files.
+"""Shared plumbing for the benchmarks: timing, memory, throughput, machine metadata, results files,
+and the one protocol every benchmark module follows.
+
+The protocol. `python -m bench` runs every module `bench/bench_<name>.py` that has:
+
+    OPS = ("layer_norm",)            # the DESIGN.md op names its rows carry (for --only)
+    def collect(args): ...           # -> (rows, meta_extra); runs on CUDA only, writes nothing
+    def main(argv=None):             # the script entry point, the same for every module:
+        return harness.bench_main(sys.modules[__name__], argv)
+
+- args is the namespace of `arg_parser()`: args.quick, args.no_compile, args.out_dir and
+  args.only (a tuple of op names, or None for all); `wants(args, op)` says whether to run an op.
+- rows: `make_row` dicts. meta_extra: a dict merged into the results file's meta (for example
+  copy_gbps); its "skipped" entry maps "<op>:<provider>" to why that provider did not run.
+- Optional, for `pytest bench --benchmark-only` (bench/test_benchmarks.py):
+  `cases(args)` yields (case_id, setup) where setup() builds the inputs and returns (fn, leaves):
+  fn is the callable to time, leaves the tensors whose .grad is set to None before each run.
+  A module without `cases` is simply not part of the pytest-benchmark run.
+
+`bench_main` parses the shared flags, skips with a message (exit 0) without CUDA, calls collect,
+writes one results file named after the module (bench_cross_entropy.py -> cross_entropy-...json)
+and prints the rendered tables. The suite (bench/__main__.py) calls collect of every module in one
+process, merges the rows and metas into one file, and renders the report.
 
 Timing uses `triton.testing.do_bench` (median and 20th/80th percentiles of many runs). In the Triton
 versions this project supports (3.6 on the GPU machine, 3.9 on CI) do_bench zeroes a 256 MB
@@ -326,15 +348,103 @@ def load_results(path):
         raise ValueError(f"{path}: {e}") from None
 
 
-# --- command line ----------------------------------------------------------------------------
+# --- command line and the module protocol ---------------------------------------------------------
+
+def parse_ops(text):
+    """--only's value: "layer_norm,mlp" -> ("layer_norm", "mlp"); ArgumentTypeError for unknown ops."""
+    ops = tuple(dict.fromkeys(op.strip() for op in text.split(",") if op.strip()))
+    unknown = [op for op in ops if op not in OPS]
+    if not ops or unknown:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(OPS)}, got {text!r}")
+    return ops
+
 
 def arg_parser(description):
-    """An ArgumentParser with the flags every benchmark script shares; scripts may add more."""
+    """An ArgumentParser with the flags every benchmark script (and the suite) shares."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out-dir", default=str(RESULTS_DIR),
                         help="where the results JSON goes (default: bench/results)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer shapes and shorter timing, for a smoke run")
     parser.add_argument("--no-compile", action="store_true",
-                        help="skip the torch.compile provider")
+                        help="skip the torch.compile providers")
+    parser.add_argument("--only", type=parse_ops, default=None, metavar="OPS",
+                        help=f"comma-separated ops to run (default: all); ops: {','.join(OPS)}")
     return parser
+
+
+def wants(args, op):
+    """Whether the run asked for `op` (no --only means every op)."""
+    only = getattr(args, "only", None)
+    return not only or op in only
+
+
+def module_name(module):
+    """'bench_layer_norm' for bench/bench_layer_norm.py, whether imported or run as a script."""
+    return Path(module.__file__).stem
+
+
+def merge_meta(meta, extra):
+    """meta updated with a module's meta_extra: "skipped" dicts are merged, other keys added (the
+    first module to set a key keeps it, so one suite file has one copy_gbps)."""
+    for key, value in (extra or {}).items():
+        if key == "skipped":
+            meta.setdefault("skipped", {}).update(value)
+        else:
+            meta.setdefault(key, value)
+    return meta
+
+
+def save_and_show(rows, meta, out_dir, name=None):
+    """Write one results file, print its rendered tables and its path; return the path."""
+    from bench.report import render_markdown
+
+    path = write_results(rows, meta, out_dir, name=name)
+    print(render_markdown([dict(load_results(path), path=str(path))]))
+    print(f"wrote {path}")
+    return path
+
+
+def bench_main(module, argv=None):
+    """The entry point of one benchmark module (see the protocol in the module docstring)."""
+    name = module_name(module)
+    args = arg_parser((module.__doc__ or name).splitlines()[0]).parse_args(argv)
+    if not require_cuda(name):
+        return 0
+    if not any(wants(args, op) for op in module.OPS):
+        print(f"{name}: nothing to run, --only names none of {', '.join(module.OPS)}")
+        return 0
+    rows, meta_extra = module.collect(args)
+    meta = merge_meta(machine_meta(), meta_extra)
+    save_and_show(rows, meta, args.out_dir, name=name.removeprefix("bench_"))
+    return 0
+
+
+# The end-to-end model benchmark runs after the op benchmarks (it is the longest and most likely
+# to run out of memory).
+LAST_MODULES = ("bench_model",)
+
+
+def discover_modules(only=None):
+    """(modules, problems): the bench_<name> modules that follow the protocol, ops first and
+    bench_model last, restricted to those measuring one of `only` (op names) when given; problems
+    maps the module names that could not be used (an import error, no collect or OPS) to why."""
+    import importlib
+    import pkgutil
+
+    names = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent))
+                   if m.name.startswith("bench_"))
+    names.sort(key=lambda n: n in LAST_MODULES)
+    modules, problems = [], {}
+    for name in names:
+        try:
+            module = importlib.import_module(f"bench.{name}")
+        except Exception as e:  # noqa: BLE001  (one broken module must not stop the others)
+            problems[name] = f"import failed: {type(e).__name__}: {e}"
+            continue
+        missing = [a for a in ("OPS", "collect") if not hasattr(module, a)]
+        if missing:
+            problems[name] = f"does not follow the protocol (no {' or '.join(missing)}); run it alone"
+        elif not only or set(module.OPS) & set(only):
+            modules.append(module)
+    return modules, problems

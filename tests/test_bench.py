@@ -186,7 +186,7 @@ def test_bench_run_records_rows_and_skips_a_failing_optional_provider(monkeypatc
     assert [(r["provider"], r["mode"]) for r in rows] == [("torch", m) for m in bln.MODES]
     assert rows[0]["gbps"] == pytest.approx(harness.gbps(bln.layer_norm_bytes(4, 8, "fwd"), 1.0))
     assert rows[0]["ceiling_frac"] == pytest.approx(rows[0]["gbps"])  # copy_gbps = 1
-    assert skipped["torch_compile"].endswith("RuntimeError: compiler exploded")
+    assert skipped["layer_norm:torch_compile"].endswith("RuntimeError: compiler exploded")
     fns["triton"] = broken  # not optional: its failure must stop the run
     with pytest.raises(RuntimeError):
         bln.run((8,), fns, {}, copy_gbps=1.0, warmup=1, rep=1, device="cpu")
