@@ -55,6 +55,7 @@ PROVIDERS = ("triton", "torch", "torch_compile", "sdpa_flash", "sdpa_cudnn", "sd
 MODES = ("fwd", "bwd", "fwd_bwd")
 # The kernels a train_step row may name as "triton:<kernel>[,<kernel>...]" (GPTConfig.kernels names).
 MODEL_KERNELS = ("layer_norm", "attention", "mlp", "cross_entropy")
+COMPILE_SUFFIX = "+compile"  # a train_step provider compiled with torch.compile
 TRAIN_STEP_KEYS = ("tokens_per_s", "mfu")
 NUMERIC_KEYS = ("gbps", "tflops", "peak_mem_mb", "ceiling_frac") + TRAIN_STEP_KEYS
 
@@ -220,13 +221,17 @@ def _check_provider(op, provider):
     if provider in PROVIDERS:
         return
     if op == "train_step":
-        if provider == "triton+compile":
+        # the model's own providers: triton+compile (every kernel, compiled) and
+        # triton:<kernel>[,<kernel>...] (those kernels on), eager or with a "+compile" suffix
+        name = provider[:-len(COMPILE_SUFFIX)] if provider.endswith(COMPILE_SUFFIX) else provider
+        if name == "triton" and name != provider:
             return
-        kernels = provider.split(":", 1)[1].split(",") if provider.startswith("triton:") else []
+        kernels = name.split(":", 1)[1].split(",") if name.startswith("triton:") else []
         if kernels and all(k in MODEL_KERNELS for k in kernels):
             return
     raise ValueError(f"provider must be one of {PROVIDERS} (train_step rows also 'triton+compile' or "
-                     f"'triton:<kernel>[,<kernel>]' with kernels from {MODEL_KERNELS}), got {provider!r}")
+                     f"'triton:<kernel>[,<kernel>][+compile]' with kernels from {MODEL_KERNELS}), "
+                     f"got {provider!r}")
 
 
 def _is_number(v):
@@ -432,7 +437,7 @@ def discover_modules(only=None):
     import importlib
     import pkgutil
 
-    names = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent))
+    names = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])
                    if m.name.startswith("bench_"))
     names.sort(key=lambda n: n in LAST_MODULES)
     modules, problems = [], {}
