@@ -4,8 +4,9 @@
 
 Runs collect() of every bench/bench_<name>.py that follows the protocol of bench/harness.py (the
 op benchmarks first, bench_model last), merges their rows and metas into one results file
-(suite-<gpu>-<date>.json) in --out-dir, then renders every results file in --out-dir into
-REPORT.md and plots/*.png there (bench/report.py). A module that fails is recorded in
+(suite-<gpu>-<date>.json) in --out-dir, with the measured ceilings (copy_gbps, matmul_tflops) in
+its meta, rewritten after every module so that a run cut short keeps what it measured; then renders
+every results file in --out-dir into REPORT.md and plots/*.png there (bench/report.py). A module that fails is recorded in
 meta["skipped"] with its error and the others still run; the exit status is then 1. Without CUDA it
 prints why it skipped and exits 0, writing nothing.
 """
@@ -20,8 +21,9 @@ import torch
 from bench import harness, report
 
 
-def run_modules(modules, args, meta):
-    """Rows of every module's collect(args); meta gains their meta_extra. Returns (rows, failed)."""
+def run_modules(modules, args, meta, save=lambda rows: None):
+    """Rows of every module's collect(args); meta gains their meta_extra. save(rows) runs after
+    every module, so a run cut short still leaves what it measured. Returns (rows, failed)."""
     rows, failed = [], []
     for module in modules:
         name = harness.module_name(module)
@@ -39,6 +41,7 @@ def run_modules(modules, args, meta):
             _release_memory()
         rows += module_rows
         harness.merge_meta(meta, extra)
+        save(rows)
         print(f"{name}: {len(module_rows)} rows in {time.perf_counter() - start:.0f} s", flush=True)
     return rows, failed
 
@@ -52,6 +55,16 @@ def _release_memory():
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     torch._dynamo.reset()
+
+
+def measure_ceilings():
+    """The measured ceilings the report draws: copy bandwidth (GB/s) and bf16 matmul (TFLOP/s)."""
+    ceilings = {"copy_gbps": round(harness.copy_bandwidth_gbps(), 1),
+                "matmul_tflops": round(harness.matmul_tflops(), 1)}
+    print(f"measured ceilings: {ceilings['copy_gbps']:.0f} GB/s copy, "
+          f"{ceilings['matmul_tflops']:.0f} TFLOP/s bf16 matmul", flush=True)
+    _release_memory()
+    return ceilings
 
 
 def render(out_dir):
@@ -72,8 +85,10 @@ def main(argv=None):
         print(f"{name}: skipped, {why}")
         meta.setdefault("skipped", {})[name] = why
     print(f"running {', '.join(harness.module_name(m) for m in modules) or 'nothing'}", flush=True)
-    rows, failed = run_modules(modules, args, meta)
-    path = harness.write_results(rows, meta, args.out_dir, name="suite")
+    meta.update(measure_ceilings())
+    path = harness.new_results_path([], meta, args.out_dir, name="suite")
+    rows, failed = run_modules(modules, args, meta, save=lambda rows: harness.dump_results(path, rows, meta))
+    harness.dump_results(path, rows, meta)
     print(f"wrote {path} ({len(rows)} rows)")
     render(args.out_dir)
     if failed:

@@ -35,8 +35,10 @@ check every row again. Extra keys are allowed on rows (ceiling_frac, tokens_per_
 (copy_gbps, skipped).
 """
 import argparse
+import functools
 import json
 import math
+import os
 import re
 import shlex
 import shutil
@@ -122,15 +124,29 @@ def tflops(flops, ms):
     return flops / ms / 1e9
 
 
+@functools.lru_cache(maxsize=None)
 def copy_bandwidth_gbps(device="cuda", nbytes=2**30):
     """The measured bandwidth ceiling: GB/s of a device-to-device copy of nbytes (1 GiB),
-    counting the bytes read plus the bytes written."""
+    counting the bytes read plus the bytes written. Measured once per process (cached), so every
+    benchmark of a suite run divides by the same number that its meta records."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     timing = time_ms(lambda: dst.copy_(src))
     del src, dst
     torch.cuda.empty_cache()
     return gbps(2 * nbytes, timing["ms"])
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_tflops(device="cuda", n=8192, dtype=torch.bfloat16):
+    """The measured compute ceiling: TFLOP/s of one n x n x n matmul in dtype (bf16), measured
+    once per process (cached)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    timing = time_ms(lambda: a @ b)
+    del a, b
+    torch.cuda.empty_cache()
+    return tflops(2 * n**3, timing["ms"])
 
 
 def measure_providers(fns, modes, measure, args, skipped, optional, where, prefix=""):
@@ -201,7 +217,9 @@ def machine_meta(command=None):
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
-        "commit": _command_output(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"]),
+        # a copy of the tree without .git (a GPU machine's) can name its commit in TRITONGPT_COMMIT
+        "commit": (os.environ.get("TRITONGPT_COMMIT")
+                   or _command_output(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"])),
         "date": utc_now(),
         "command": command,
     }
@@ -328,19 +346,30 @@ def results_name(rows, meta, name=None):
     return f"{slug(name)}-{slug(meta.get('gpu') or 'cpu')}-{stamp:%Y%m%dT%H%M%S}.json"
 
 
-def write_results(rows, meta, out_dir=RESULTS_DIR, name=None):
-    """Write one results file (one row per line, for readable diffs) and return its path."""
-    data = validate_results({"meta": meta, "rows": list(rows)})
+def new_results_path(rows, meta, out_dir=RESULTS_DIR, name=None):
+    """A path in out_dir (created) named by results_name that no file has yet."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / results_name(data["rows"], meta, name)
-    n = 1
+    base = results_name(rows, meta, name)
+    path, n = out_dir / base, 1
     while path.exists():
         n += 1
-        path = path.with_name(f"{results_name(data['rows'], meta, name)[:-5]}-{n}.json")
-    body = ",\n  ".join(json.dumps(row) for row in data["rows"])
-    path.write_text(f'{{"meta": {json.dumps(meta)},\n "rows": [\n  {body}\n ]}}\n')
+        path = out_dir / f"{base[:-5]}-{n}.json"
     return path
+
+
+def dump_results(path, rows, meta):
+    """Check and write one results file at path (one row per line, for readable diffs), replacing it."""
+    data = validate_results({"meta": meta, "rows": list(rows)})
+    body = ",\n  ".join(json.dumps(row) for row in data["rows"])
+    Path(path).write_text(f'{{"meta": {json.dumps(meta)},\n "rows": [\n  {body}\n ]}}\n')
+    return Path(path)
+
+
+def write_results(rows, meta, out_dir=RESULTS_DIR, name=None):
+    """Write one new results file in out_dir and return its path."""
+    validate_results({"meta": meta, "rows": list(rows)})
+    return dump_results(new_results_path(rows, meta, out_dir, name), rows, meta)
 
 
 def load_results(path):
