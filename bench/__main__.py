@@ -33,8 +33,7 @@ def run_modules(modules, args, meta, save=lambda rows: None):
             module_rows, extra = module.collect(args)
         except Exception as e:  # noqa: BLE001  (record it, run the other benchmarks)
             traceback.print_exc()
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            meta.setdefault("skipped", {})[name] = f"failed: {type(e).__name__}: {first}"
+            meta.setdefault("skipped", {})[name] = f"failed: {harness.error_summary(e)}"
             failed.append(name)
             continue
         finally:

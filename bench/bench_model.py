@@ -199,9 +199,8 @@ def run(plan, measure_fn, flops_tok, skipped, seq_len=T):
         try:
             timing, mem = measure_fn(v)
         except Exception as e:  # noqa: BLE001  (one variant's failure is data, not the end)
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            skipped[key] = "out of memory" if isinstance(e, torch.OutOfMemoryError) else \
-                f"{type(e).__name__}: {first}"
+            skipped[key] = ("out of memory" if isinstance(e, torch.OutOfMemoryError)
+                            else harness.error_summary(e))
             print(f"{key}: skipped, {skipped[key]}", flush=True)
             continue
         finally:

@@ -31,8 +31,9 @@ no input rotation is needed.
 
 A results file is {"meta": {...}, "rows": [...]} with the keys DESIGN.md lists (META_KEYS, ROW_KEYS);
 `make_row` builds a row and checks it, `write_results` / `load_results` write and read a file and
-check every row again. Extra keys are allowed on rows (ceiling_frac, tokens_per_s, mfu) and in meta
-(copy_gbps, skipped).
+check every row again. Extra keys are allowed on rows (ceiling_frac, tokens_per_s, mfu, kernels)
+and in meta (copy_gbps, matmul_tflops, skipped, and bench_model's max_batch, batch_search,
+peak_tflops).
 """
 import argparse
 import functools
@@ -149,6 +150,12 @@ def matmul_tflops(device="cuda", n=8192, dtype=torch.bfloat16):
     return tflops(2 * n**3, timing["ms"])
 
 
+def error_summary(e):
+    """'RuntimeError: <first line of the message>' (200 characters at most), for meta["skipped"]."""
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {first}"
+
+
 def measure_providers(fns, modes, measure, args, skipped, optional, where, prefix=""):
     """Yield (name, mode, measure(fn, mode, *args)) for every provider in fns and every mode.
 
@@ -163,8 +170,7 @@ def measure_providers(fns, modes, measure, args, skipped, optional, where, prefi
             except Exception as e:  # noqa: BLE001  (an optional provider's failure is data)
                 if name not in optional:
                     raise
-                first = (str(e).strip().splitlines() or [""])[0][:200]
-                skipped[prefix + name] = f"failed at {where} {mode}: {type(e).__name__}: {first}"
+                skipped[prefix + name] = f"failed at {where} {mode}: {error_summary(e)}"
                 print(f"{prefix}{name}: skipped, {skipped[prefix + name]}")
                 del fns[name]
                 break

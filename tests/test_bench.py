@@ -538,3 +538,14 @@ def test_readme_rewrite_needs_the_markers():
 def test_repository_readme_table_is_up_to_date(capsys):
     """README.md's block matches bench/results/ (run `python -m bench.readme_table` after adding results)."""
     assert readme_table.main(["--check"]) == 0, capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_model_step_on_gpu_with_every_kernel():
+    """bench_model's step on CUDA (tiny preset): every available kernel under bf16 autocast, and
+    the measurement it reports (time, peak memory)."""
+    step = bm.step_at(bm.Variant("triton", "all", False, 2), device="cuda", preset="tiny", seq_len=64)
+    losses = [step().item() for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    t = harness.time_ms(step, warmup=5, rep=20)
+    assert 0 < t["ms_p20"] <= t["ms"] <= t["ms_p80"]
