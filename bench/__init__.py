@@ -4,6 +4,9 @@ shared plumbing and the module protocol in harness.py, rendering in report.py.
     python -m bench [--quick] [--only OPS] [--no-compile] [--out-dir DIR]   # everything, one file
     python bench/bench_layer_norm.py [--quick] ...                           # one module alone
     python -m bench.report                                                  # results -> REPORT.md + PNGs
+    python -m bench.readme_table                                            # results -> README's table
+    pytest bench --benchmark-only                                           # op cases, pytest-benchmark
+    bash bench/validate_gpu.sh [OUT_DIR]                                    # CUDA tests + quick suite
 
 Every bench_<name>.py follows one protocol (details in harness.py's docstring): it defines
 `OPS` (the op names of its rows), `collect(args) -> (rows, meta_extra)` (measure on CUDA, write

@@ -74,8 +74,9 @@ EOF
   if compgen -G "$WORK/*.json" >/dev/null; then
     cp "$WORK"/*.json "$OUT_DIR"/
     # rendered here (not by the suite alone) so a benchmark cut at its cap still gets its report
-    "$PY" -m bench.report "$WORK"/*.json --out "$OUT_DIR/REPORT.md" --plots-dir "$WORK/plots" \
-      && tar -czf "$OUT_DIR/plots.tar.gz" -C "$WORK" plots
+    # REPORT.md links plots/*.png: unpack plots.tar.gz beside it
+    "$PY" -m bench.report "$WORK"/*.json --out "$WORK/report/REPORT.md" --plots-dir "$WORK/report/plots" \
+      && cp "$WORK/report/REPORT.md" "$OUT_DIR"/ && tar -czf "$OUT_DIR/plots.tar.gz" -C "$WORK/report" plots
   else
     echo "no results file was written"
   fi

@@ -549,3 +549,45 @@ def test_model_step_on_gpu_with_every_kernel():
     assert all(torch.isfinite(torch.tensor(losses)))
     t = harness.time_ms(step, warmup=5, rep=20)
     assert 0 < t["ms_p20"] <= t["ms"] <= t["ms_p80"]
+
+
+# --- bench/validate_gpu.sh, with a stand-in for python --------------------------------------------
+
+SHIM = """#!/usr/bin/env bash
+# python stand-in: logs its arguments; renders reports with the real python; fakes the rest
+echo "$*" >> "$SHIM_LOG"
+case "$1 $2" in
+  "-m bench.report") exec "$REAL_PY" "$@" ;;
+  "-m pytest") [ "$3" = bench ] && exit 0 || exit 1 ;;  # the test suite "fails"
+  "-m bench")  # writes its results file, then outlives its cap
+    for ((i = 1; i <= $#; i++)); do
+      if [ "${!i}" = --out-dir ]; then j=$((i + 1)); cp "$FAKE_RESULTS" "${!j}/"; fi
+    done
+    exec sleep 30 ;;
+esac
+exit 0
+"""
+
+
+def test_validate_gpu_script_keeps_results_of_a_capped_run(tmp_path):
+    shim = tmp_path / "python"
+    shim.write_text(SHIM)
+    shim.chmod(0o755)
+    results = harness.write_results(sample_rows(), META, tmp_path / "made")
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=str(shim), REAL_PY=sys.executable, SHIM_LOG=str(tmp_path / "calls"),
+               FAKE_RESULTS=str(results), BENCH_TIMEOUT="2", OUT=str(out))
+    proc = subprocess.run(["bash", "bench/validate_gpu.sh"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # the tests stage failed
+    log = (out / "validate.log").read_text()
+    assert "== tests: exit 1" in log and "== pytest-benchmark: exit 0" in log
+    assert "== benchmark: exit 124" in log and "cut at its cap" in log
+    assert "== failed: tests benchmark" in log
+    assert sorted(p.name for p in out.iterdir()) == sorted(["validate.log", results.name, "REPORT.md",
+                                                            "plots.tar.gz"])
+    assert "2.00x" in (out / "REPORT.md").read_text()
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert any(c.startswith("-m pytest -q") and f"--junitxml {out}/tests.xml" in c for c in calls)
+    assert any(c.startswith("-m pytest bench --benchmark-only") for c in calls)
+    assert any(c.startswith("-m bench --quick --out-dir") for c in calls)
