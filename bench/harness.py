@@ -128,8 +128,8 @@ def tflops(flops, ms):
 @functools.lru_cache(maxsize=None)
 def copy_bandwidth_gbps(device="cuda", nbytes=2**30):
     """The measured bandwidth ceiling: GB/s of a device-to-device copy of nbytes (1 GiB),
-    counting the bytes read plus the bytes written. Measured once per process (cached), so every
-    benchmark of a suite run divides by the same number that its meta records."""
+    counting the bytes read plus the bytes written. Cached per process and arguments, so every
+    benchmark of a suite run divides by the number that its meta records."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     timing = time_ms(lambda: dst.copy_(src))

@@ -27,7 +27,7 @@ HEADLINE = {
     "cross_entropy": {"rows": 16384},
     "linear_cross_entropy": {"rows": 16384},
     "mlp": {"C": 768},
-    "attention": {"T": 1024},
+    "attention": {"T": 1024, "D": 64},
 }
 NO_RESULTS = ("No benchmark results are committed yet: no GPU has run `python -m bench`, so this "
               "README states no speed.")
