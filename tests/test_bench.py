@@ -201,7 +201,8 @@ def test_bench_layer_norm_skips_cleanly_without_cuda(tmp_path):
     """Run as a script (the sys.path set-up included); the other modules share harness.bench_main."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, "bench/bench_layer_norm.py", "--quick",
-                           "--out-dir", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                           "--out-dir", str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "bench_layer_norm: skipped, needs a CUDA GPU (none found)" in proc.stdout
     assert list(tmp_path.iterdir()) == []
