@@ -11,6 +11,7 @@ that fails is recorded in meta["skipped"] with its error and the others still ru
 is then 1. Without CUDA it
 prints why it skipped and exits 0, writing nothing.
 """
+import copy
 import shlex
 import sys
 import time
@@ -22,14 +23,17 @@ import torch
 from bench import harness, report
 
 
-def run_modules(modules, args, meta, save=lambda rows: None):
+def run_modules(modules, args, meta, save=lambda rows, extra=None: None):
     """Rows of every module's collect(args); meta gains their meta_extra. save(rows) runs after
-    every module, so a run cut short still leaves what it measured. Returns (rows, failed)."""
+    every module, and save(rows, partial meta_extra) whenever a module reports progress, so a run
+    cut short still leaves what it measured. Returns (rows, failed)."""
     rows, failed = [], []
     for module in modules:
         name = harness.module_name(module)
         print(f"== {name}", flush=True)
         start = time.perf_counter()
+        # the protocol's optional progress hook: a module may hand over its rows so far
+        args.progress = lambda partial, extra=None: save(rows + partial, extra)
         try:
             module_rows, extra = module.collect(args)
         except Exception as e:  # noqa: BLE001  (record it, run the other benchmarks)
@@ -88,8 +92,12 @@ def main(argv=None):
     print(f"running {', '.join(harness.module_name(m) for m in modules) or 'nothing'}", flush=True)
     meta.update(measure_ceilings())
     path = harness.new_results_path([], meta, args.out_dir, name="suite")
-    rows, failed = run_modules(modules, args, meta, save=lambda rows: harness.dump_results(path, rows, meta))
-    harness.dump_results(path, rows, meta)
+
+    def save(rows, extra=None):
+        harness.dump_results(path, rows, harness.merge_meta(copy.deepcopy(meta), extra))
+
+    rows, failed = run_modules(modules, args, meta, save)
+    save(rows)
     print(f"wrote {path} ({len(rows)} rows)")
     render(args.out_dir)
     if failed:

@@ -16,7 +16,9 @@ reference model eager, by trying B in BATCH_CANDIDATES from the top until a step
 running out of memory; every variant is then measured at that B (so ratios compare equal work),
 and a variant that runs out of memory there is recorded in meta["skipped"]. The search is in
 meta["batch_search"], the result in meta["max_batch"]. --quick compiles only torch_compile and
-triton+compile, at B = 16; a full run compiles every variant at both batch sizes.
+triton+compile, at B = 16; a full run compiles every variant at both batch sizes. Variants run
+most important first (`variants`), and under `python -m bench` the rows are saved after each
+one, so a run cut short keeps the headline numbers.
 
 Numbers per row: time (median of many steps, triton.testing.do_bench, after WARMUP_STEPS
 untimed steps that also absorb compilation), tokens_per_s = B*T / time, tflops and mfu from the
@@ -97,16 +99,23 @@ def compiled_provider(provider):
 
 
 def variants(available, max_batch, quick=False, no_compile=False):
-    """The Variants to measure, in order (see the module docstring for the plan)."""
-    batches = sorted({max_batch, FIXED_BATCH}, reverse=True)
+    """The Variants to measure, most important first, so that a run cut short keeps the headline
+    numbers: per batch (B = 16, then the largest), the reference and all-kernels models eager,
+    then compiled, then each single kernel eager, then compiled (not in quick runs). Quick runs
+    compile only at B = 16."""
+    batches = [FIXED_BATCH] + ([max_batch] if max_batch != FIXED_BATCH else [])
+    headline = [("torch", "none")] + ([("triton", "all")] if available else [])
     # with a single kernel available, "triton:<op>" would repeat "triton"
     singles = [(f"triton:{op}", op) for op in available] if len(available) > 1 else []
-    eager = [("torch", "none")] + singles + ([("triton", "all")] if available else [])
-    plan = [Variant(p, k, False, b) for b in batches for p, k in eager]
-    if not no_compile:
-        to_compile = [(p, k) for p, k in eager if not quick or p in ("torch", "triton")]
-        plan += [Variant(compiled_provider(p), k, True, b) for b in ([FIXED_BATCH] if quick else batches)
-                 for p, k in to_compile]
+    plan = []
+    for batch in batches:
+        compile_here = not no_compile and (not quick or batch == FIXED_BATCH)
+        plan += [Variant(p, k, False, batch) for p, k in headline]
+        if compile_here:
+            plan += [Variant(compiled_provider(p), k, True, batch) for p, k in headline]
+        plan += [Variant(p, k, False, batch) for p, k in singles]
+        if compile_here and not quick:
+            plan += [Variant(compiled_provider(p), k, True, batch) for p, k in singles]
     return plan
 
 
@@ -190,9 +199,10 @@ def measure(variant, warmup, rep):
     return timing, torch.cuda.max_memory_allocated() / 2**20
 
 
-def run(plan, measure_fn, flops_tok, skipped, seq_len=T):
+def run(plan, measure_fn, flops_tok, skipped, seq_len=T, progress=None):
     """Rows for every Variant in plan; measure_fn(variant) -> (timing, peak MiB). A variant that
-    runs out of memory or fails is recorded in skipped and the others still run."""
+    runs out of memory or fails is recorded in skipped and the others still run. progress(rows),
+    when given, gets the rows so far after every variant (collect binds the meta to it)."""
     rows = []
     for v in plan:
         key = f"{OP}:{v.provider}@B={v.batch}"
@@ -215,6 +225,8 @@ def run(plan, measure_fn, flops_tok, skipped, seq_len=T):
             kernels=v.kernels))
         print(f"{key}: {timing['ms']:.1f} ms, {rows[-1]['tokens_per_s']:,.0f} tokens/s, "
               f"MFU {rows[-1]['mfu']:.1%}, peak {mem:,.0f} MiB", flush=True)
+        if progress is not None:
+            progress(rows)
     return rows
 
 
@@ -240,7 +252,9 @@ def collect(args):
     plan = variants(available_kernels(), max_batch, args.quick, args.no_compile)
     warmup, rep = (100, 500) if args.quick else (300, 1500)
     flops_tok = model_flops_per_token(GPTConfig.from_name(PRESET))
-    rows = run(plan, lambda v: measure(v, warmup, rep), flops_tok, meta["skipped"])
+    report = getattr(args, "progress", None)
+    progress = (lambda rows: report(rows, meta)) if report else None
+    rows = run(plan, lambda v: measure(v, warmup, rep), flops_tok, meta["skipped"], progress=progress)
     return rows, meta
 
 

@@ -10,6 +10,9 @@ The protocol. `python -m bench` runs every module `bench/bench_<name>.py` that h
 
 - args is the namespace of `arg_parser()`: args.quick, args.no_compile, args.out_dir and
   args.only (a tuple of op names, or None for all); `wants(args, op)` says whether to run an op.
+  Under the suite args.progress is also set: a long module may call args.progress(rows so far,
+  meta_extra so far) (find it with `getattr(args, "progress", None)`), and the suite saves them,
+  so a run cut short keeps them.
 - rows: `make_row` dicts. meta_extra: a dict merged into the results file's meta (for example
   copy_gbps); its "skipped" entry maps "<op>:<provider>" to why that provider did not run.
 - Optional, for `pytest bench --benchmark-only` (bench/test_benchmarks.py):

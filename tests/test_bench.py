@@ -334,13 +334,39 @@ def test_suite_writes_one_file_records_a_failure_and_renders(tmp_path, monkeypat
     assert len(list((tmp_path / "plots").glob("*.png"))) == 3
 
 
-def test_suite_saves_after_every_module(tmp_path, monkeypatch):
+def test_suite_saves_after_every_module_and_on_progress(monkeypatch):
     saved = []
+
+    def slow_collect(args):
+        args.progress(sample_rows()[1:2], {"max_batch": 32})  # a long module reports half-way
+        return sample_rows()[1:], {"max_batch": 32}
+
     fakes = [_fake_module("bench_a", ("layer_norm",), lambda args: (sample_rows()[:1], {})),
-             _fake_module("bench_b", ("mlp",), lambda args: (sample_rows()[1:], {}))]
+             _fake_module("bench_b", ("mlp",), slow_collect)]
     monkeypatch.setattr(suite, "_release_memory", lambda: None)
-    rows, failed = suite.run_modules(fakes, None, {}, save=lambda rows: saved.append(len(rows)))
-    assert saved == [1, 3] and failed == [] and rows == sample_rows()
+    meta = {}
+    rows, failed = suite.run_modules(fakes, types.SimpleNamespace(), meta,
+                                     save=lambda rows, extra=None: saved.append((len(rows), extra)))
+    assert saved == [(1, None), (2, {"max_batch": 32}), (3, None)]
+    assert failed == [] and rows == sample_rows() and meta == {"max_batch": 32}
+
+
+def test_suite_progress_save_keeps_the_partial_meta(tmp_path, monkeypatch):
+    """python -m bench cut short during a module: its file holds that module's rows and meta so far."""
+    def interrupted(args):
+        args.progress(sample_rows()[:2], {"max_batch": 32})
+        raise KeyboardInterrupt  # the run is cut here (a timeout's signal, say)
+
+    monkeypatch.setattr(harness, "require_cuda", lambda what: True)
+    monkeypatch.setattr(harness, "discover_modules",
+                        lambda only: ([_fake_module("bench_model", ("train_step",), interrupted)], {}))
+    monkeypatch.setattr(suite, "measure_ceilings", lambda: {})
+    monkeypatch.setattr(suite, "_release_memory", lambda: None)
+    with pytest.raises(KeyboardInterrupt):
+        suite.main(["--out-dir", str(tmp_path)])
+    [path] = tmp_path.glob("suite-*.json")
+    data = harness.load_results(path)
+    assert data["rows"] == sample_rows()[:2] and data["meta"]["max_batch"] == 32
 
 
 def test_suite_skips_cleanly_without_cuda(tmp_path, monkeypatch, capsys):
@@ -405,19 +431,24 @@ def test_gpt2_124m_flop_count():
 
 
 def test_variants_plan():
+    def names(plan):
+        return [(v.provider, v.kernels, v.compiled, v.batch) for v in plan]
+
+    def block(batch, compiled_singles=True, compiled=True):
+        eager = [("torch", "none", False, batch), ("triton", "all", False, batch)]
+        comp = [("torch_compile", "none", True, batch), ("triton+compile", "all", True, batch)]
+        singles = [("triton:layer_norm", "layer_norm", False, batch), ("triton:mlp", "mlp", False, batch)]
+        comp_singles = [("triton:layer_norm+compile", "layer_norm", True, batch),
+                        ("triton:mlp+compile", "mlp", True, batch)]
+        return eager + (comp if compiled else []) + singles + (comp_singles if compiled_singles else [])
+
+    # headline first: B=16 before the largest batch; reference and all-kernels before single kernels
+    assert names(bm.variants(["layer_norm", "mlp"], 32)) == block(16) + block(32)
+    assert names(bm.variants(["layer_norm", "mlp"], 32, quick=True)) == \
+        block(16, compiled_singles=False) + block(32, compiled_singles=False, compiled=False)
+    assert names(bm.variants(["layer_norm", "mlp"], 16, no_compile=True)) == \
+        block(16, compiled_singles=False, compiled=False)
     plan = bm.variants(["layer_norm", "mlp"], 32)
-    eager = [(v.provider, v.kernels, v.batch) for v in plan if not v.compiled]
-    assert eager == [(p, k, b) for b in (32, 16) for p, k in
-                     [("torch", "none"), ("triton:layer_norm", "layer_norm"), ("triton:mlp", "mlp"),
-                      ("triton", "all")]]
-    compiled = [(v.provider, v.batch) for v in plan if v.compiled]
-    assert compiled == [(p, b) for b in (32, 16) for p in
-                        ("torch_compile", "triton:layer_norm+compile", "triton:mlp+compile",
-                         "triton+compile")]
-    quick = bm.variants(["layer_norm", "mlp"], 16, quick=True)
-    assert [(v.provider, v.compiled, v.batch) for v in quick] == [
-        ("torch", False, 16), ("triton:layer_norm", False, 16), ("triton:mlp", False, 16),
-        ("triton", False, 16), ("torch_compile", True, 16), ("triton+compile", True, 16)]
     assert [v.provider for v in bm.variants(["mlp"], 16, no_compile=True)] == ["torch", "triton"]
     assert [v.provider for v in bm.variants([], 16)] == ["torch", "torch_compile"]
     for v in plan:  # every provider is a valid train_step row provider
@@ -463,12 +494,14 @@ def test_model_run_makes_rows_and_records_failures(monkeypatch):
             raise RuntimeError("dynamo failed\ndetails")
         return timing(100.0 if v.provider == "torch" else 80.0), 1000.0 * v.batch
 
-    skipped = {}
-    rows = bm.run(plan, fake_measure, 8.5e8, skipped, seq_len=1024)
+    skipped, reported = {}, []
+    rows = bm.run(plan, fake_measure, 8.5e8, skipped, seq_len=1024,
+                  progress=lambda rows: reported.append(len(rows)))
+    assert reported == list(range(1, len(plan) - 1))  # after every measured variant
     assert skipped == {"train_step:triton:mlp@B=32": "out of memory",
                        "train_step:triton+compile@B=16": "RuntimeError: dynamo failed"}
     assert len(rows) == len(plan) - 2
-    torch_row = rows[0]
+    torch_row = next(r for r in rows if r["provider"] == "torch" and r["shape"]["B"] == 32)
     assert torch_row["provider"] == "torch" and torch_row["kernels"] == "none"
     assert torch_row["shape"] == {"B": 32, "T": 1024}
     assert torch_row["tokens_per_s"] == pytest.approx(32 * 1024 / 0.1)
