@@ -27,8 +27,9 @@ standard count of FLOPs per token (nanoGPT's estimate_mfu, after the PaLM paper,
     6*N + 12*L*C*T      N = parameters without the position embedding (the tied wte/lm_head
                          counted once), L layers, C width, T sequence length
 
-6*N is the weight matmuls (2 FLOPs per multiply-add, forward 1x, backward 2x); 12*L*C*T is
-attention's QK^T and AV (2*T*C each per token and layer, times 3 for forward plus backward), over
+6*N is the weight matmuls: per token and weight, one multiply-add (2 FLOPs) forward and two
+backward (the input's and the weight's gradients). 12*L*C*T is attention's QK^T and AV (2*T*C
+FLOPs each per token and layer forward, times 3 for forward plus backward), over
 the full T x T matrix although a causal kernel computes about half of it: the usual convention, so
 MFU compares with other reports. mfu = FLOP/s over PEAK_TFLOPS (989, an H100 SXM's dense bf16
 peak), whatever GPU ran it. peak_mem_mb is the whole step's high-water mark (weights, gradients,

@@ -56,7 +56,7 @@ def _headline(op, groups):
 
 def _speedups(by_p):
     ours = by_p[OURS]["ms"]
-    return ", ".join(f"{p} {by_p[p]['ms'] / ours:.2f}x" for p in report._providers(list(by_p.values()))
+    return ", ".join(f"{p} {by_p[p]['ms'] / ours:.2f}x" for p in report.ordered_providers(list(by_p.values()))
                      if p != OURS)
 
 
@@ -68,7 +68,7 @@ def _mem(by_p):
 
 
 def op_table(op, rows):
-    groups = report._groups(rows)
+    groups = report.group_rows(rows)
     body = []
     for key in _headline(op, groups):
         by_p = groups[key]
@@ -78,14 +78,14 @@ def op_table(op, rows):
 
 
 def train_step_table(rows):
-    groups = report._groups(rows)
+    groups = report.group_rows(rows)
     body = []
     for (shape, _, _), by_p in groups.items():
-        for p in report._providers(list(by_p.values())):
+        for p in report.ordered_providers(list(by_p.values())):
             r = by_p[p]
             body.append([p, shape, f"{r['tokens_per_s']:,.0f}", f"{r['mfu']:.1%}",
-                         report._cell(report.speedup(by_p, p), "{:.2f}x"),
-                         report._cell(r.get("peak_mem_mb"), "{:.0f}")])
+                         report.cell(report.speedup(by_p, p), "{:.2f}x"),
+                         report.cell(r.get("peak_mem_mb"), "{:.0f}")])
     return body
 
 
@@ -108,12 +108,12 @@ def render_block(results):
     op_rows = [row for op in OPS if op in chosen and op != "train_step"
                for row in op_table(op, [r for r in chosen[op]["rows"] if r["op"] == op])]
     if op_rows:
-        lines += [""] + report._table(["op", "shape", "mode", "dtype", "triton ms",
+        lines += [""] + report.markdown_table(["op", "shape", "mode", "dtype", "triton ms",
                                        "speed-up of triton over", "peak MiB triton (eager)"], op_rows)
     if "train_step" in chosen:
         rows = [r for r in chosen["train_step"]["rows"] if r["op"] == "train_step"]
         lines += ["", "GPT-2 124M training step (bf16 autocast, AdamW; MFU against 989 TFLOP/s):", ""]
-        lines += report._table(["provider", "batch", "tokens/s", "MFU", "vs eager", "peak MiB"],
+        lines += report.markdown_table(["provider", "batch", "tokens/s", "MFU", "vs eager", "peak MiB"],
                                train_step_table(rows))
     return "\n".join(lines)
 

@@ -44,13 +44,13 @@ def _ordered(values):
     return list(dict.fromkeys(values))
 
 
-def _providers(rows):
+def ordered_providers(rows):
     """Providers in the fixed DESIGN order first, then any others (train_step) as they appear."""
     seen = _ordered(r["provider"] for r in rows)
     return [p for p in PROVIDERS if p in seen] + [p for p in seen if p not in PROVIDERS]
 
 
-def _groups(rows):
+def group_rows(rows):
     """{(shape label, mode, dtype): {provider: row}}, in the order the rows come."""
     groups = {}
     for r in rows:
@@ -66,18 +66,18 @@ def speedup(by_provider, provider):
     return base["ms"] / row["ms"]
 
 
-def _cell(value, fmt):
+def cell(value, fmt):
     return MISSING if value is None else fmt.format(value)
 
 
-def _table(header, body):
+def markdown_table(header, body):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(cells) + " |" for cells in body]
 
 
 def _op_tables(op, rows):
-    providers = _providers(rows)
-    groups = _groups(rows)
+    providers = ordered_providers(rows)
+    groups = group_rows(rows)
     metrics = [m for m in METRICS if any(r.get(m[0]) is not None for r in rows)]
     head = ["shape", "mode", "dtype"]
     times = head + [c for p in providers
@@ -86,16 +86,16 @@ def _op_tables(op, rows):
     for key, by_p in groups.items():
         cells = list(key)
         for p in providers:
-            cells.append(_cell(by_p.get(p, {}).get("ms"), "{:.4f}"))
+            cells.append(cell(by_p.get(p, {}).get("ms"), "{:.4f}"))
             if p != BASELINE:
-                cells.append(_cell(speedup(by_p, p), "{:.2f}x"))
+                cells.append(cell(speedup(by_p, p), "{:.2f}x"))
         time_body.append(cells)
-        metric_body.append(list(key) + [_cell(by_p.get(p, {}).get(k), fmt)
+        metric_body.append(list(key) + [cell(by_p.get(p, {}).get(k), fmt)
                                         for p in providers for k, _, fmt in metrics])
-    lines = [f"### {op}: median ms, speed-up vs PyTorch eager", ""] + _table(times, time_body)
+    lines = [f"### {op}: median ms, speed-up vs PyTorch eager", ""] + markdown_table(times, time_body)
     if metrics:
         metric_head = head + [f"{p} {title}" for p in providers for _, title, _ in metrics]
-        lines += ["", f"### {op}: throughput and peak memory", ""] + _table(metric_head, metric_body)
+        lines += ["", f"### {op}: throughput and peak memory", ""] + markdown_table(metric_head, metric_body)
     return lines + [""]
 
 
@@ -171,9 +171,9 @@ CEILINGS = {"gbps": "copy_gbps", "tflops": "matmul_tflops"}
 
 def _op_plots(op, rows, meta, stem, out_dir):
     """Speed-up over eager, throughput against the measured ceiling, and peak memory, per provider."""
-    groups = _groups(rows)
+    groups = group_rows(rows)
     labels = _plot_labels(groups, rows)
-    providers = _providers(rows)
+    providers = ordered_providers(rows)
     paths = []
     others = [p for p in providers if p != BASELINE]
     if BASELINE in providers and others:
