@@ -96,10 +96,10 @@ def train_step(model, optimizer, loader, args, lr, device, procs):
 
 
 @torch.no_grad()
-def val_loss(model, loader, start, args, device, procs):
-    """Mean loss over args.eval_batches validation batches, always the same ones (from `start`)."""
+def val_loss(model, loader, args, device, procs):
+    """Mean loss over args.eval_batches validation batches, always the same ones (the first)."""
     model.eval()
-    loader.load_state_dict(start)
+    loader.reset()
     total = torch.zeros((), device=device)
     for _ in range(args.eval_batches):
         x, y = (t.to(device) for t in loader.next_batch())
@@ -115,11 +115,15 @@ def hellaswag_file(args, procs):
         return None
     from data import hellaswag
     if args.hellaswag == "auto":
-        return hellaswag.cached_path()
-    if procs.main:  # one download, then the others find it cached
-        hellaswag.download()
-    distributed.barrier(procs)
-    return hellaswag.download()
+        path = os.path.join(hellaswag.DEFAULT_CACHE, "hellaswag_val.jsonl")  # where download() keeps it
+        return path if os.path.isfile(path) else None
+    try:
+        if procs.main:  # one download, then the others find it cached
+            hellaswag.download()
+        distributed.barrier(procs)
+        return hellaswag.download()
+    except RuntimeError as err:  # offline: the message says where to put the file by hand
+        raise ValueError(f"--hellaswag on: {err}") from err
 
 
 def load_codec(args, hellaswag, procs):
@@ -211,7 +215,6 @@ def run(args, procs, device):
     seed_everything(args.seed)
     model = build_model(args, device)
     optimizer = build_optimizer(model, args, device)
-    val_start = val_loader.state_dict()
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     resume = resume_path(args)
     start = restore(resume, model, optimizer, train_loader, args, procs) if resume else 0
@@ -250,7 +253,7 @@ def run(args, procs, device):
             if step % args.log_every == 0 or step == args.max_steps or step == start + 1:
                 print(logs.format_step(record), flush=True)
         if step % args.eval_every == 0 or step == args.max_steps:
-            result = {"step": step, "val_loss": val_loss(forward_model, val_loader, val_start, args, device, procs)}
+            result = {"step": step, "val_loss": val_loss(forward_model, val_loader, args, device, procs)}
             if hellaswag:
                 result["hellaswag"] = hellaswag_accuracy(model, hellaswag, codec, device, procs)
             if procs.main:

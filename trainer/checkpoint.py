@@ -48,7 +48,8 @@ def save(path, checkpoint):
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint written by save(); plain tensors and Python values only (weights_only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def describe(path):

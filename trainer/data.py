@@ -56,19 +56,14 @@ def shard_dir(data):
 
 
 def loader(args, split, procs):
-    """A TokenLoader over the split ("train" or "val") for this process's rank.
-    FileNotFoundError (with a message) when the shards are missing."""
+    """A TokenLoader over the split ("train": shuffled per epoch, or "val": in order) for this
+    process's rank. FileNotFoundError (with a message) when the shards are missing."""
     common = dict(batch_size=args.batch_size, seq_len=args.seq_len, rank=procs.rank,
-                  world_size=procs.world_size, seed=args.seed)
+                  world_size=procs.world_size, seed=args.seed, shuffle=split == "train")
     if args.data == "demo":
         train, val = demo_splits()
         return TokenLoader([train if split == "train" else val], **common)
-    directory = shard_dir(args.data)
-    try:
-        return TokenLoader.from_dir(directory, split, **common)
-    except FileNotFoundError as err:
-        hint = f"; make them with `python -m data.prepare {args.data}`" if directory != args.data else ""
-        raise FileNotFoundError(f"{err}{hint}") from err
+    return TokenLoader.from_dir(shard_dir(args.data), split, **common)
 
 
 class ByteCodec:
