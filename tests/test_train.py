@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import train
+from kernels._utils import interpreting
 from trainer import checkpoint, logs, options
 from trainer.data import demo_corpus
 
@@ -70,11 +71,14 @@ def test_demo_loss_falls_and_samples(tmp_path, capsys):
     assert (tmp_path / "loss.png").stat().st_size > 1000
 
 
+@pytest.mark.skipif(not interpreting(), reason="runs the kernels on CPU in Triton's interpreter; on a GPU "
+                    "machine tests/test_model.py checks them on CUDA")
 def test_kernels_track_reference(tmp_path):
     # Same seed, same batches: the only difference is the op implementations. In fp32 the kernels
-    # and PyTorch sum in different orders, about 1e-7 relative per op; over 5 AdamW steps that
-    # stays near 1e-6 on a loss of ~5, while a wrong kernel (or a gradient off by a few percent)
-    # moves it by 1e-2 or more. So 2e-5 absolute is tight and still safe.
+    # and PyTorch sum in different orders; measured over these 5 steps the losses and grad norms
+    # differ by at most 2 ulps (9.5e-7 at a loss of 5.5; an ulp there is 4.8e-7). The tolerance
+    # is about 10 ulps. A backward off by 1% in one term of LayerNorm's dx moves the first
+    # step's grad norm by 1.1e-4, twenty times the tolerance.
     flags = ["--max-steps", 5, "--warmup-steps", 2, "--eval-every", 5, "--eval-batches", 1,
              "--batch-size", 2, "--seq-len", 8]
     ref = run(tmp_path / "none", *flags)
@@ -82,7 +86,7 @@ def test_kernels_track_reference(tmp_path):
     assert len(ref) == len(on) == 6
     for a, b in zip(computed(ref), computed(on)):
         for key in a:
-            assert b[key] == pytest.approx(a[key], rel=0, abs=2e-5), (key, a, b)
+            assert b[key] == pytest.approx(a[key], rel=0, abs=5e-6), (key, a, b)
     assert losses(ref) != losses(on)  # the kernels really ran: not bitwise the reference
 
 

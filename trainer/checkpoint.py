@@ -12,6 +12,8 @@ import random
 import numpy as np
 import torch
 
+from data._files import atomic_write
+
 
 def rng_state():
     """This process's random number generator states, as plain tensors and Python objects."""
@@ -32,19 +34,13 @@ def set_rng_state(state):
 
 
 def save(path, checkpoint):
-    """torch.save(checkpoint) to path atomically: temporary file, fsync, rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """torch.save(checkpoint) to path atomically: a temporary file, flushed to disk, renamed."""
+    def write(f):
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file
+
+    atomic_write(path, write)
 
 
 def load(path):
