@@ -12,8 +12,8 @@ from model.gpt import PRESETS
 DATASETS = ("demo", "shakespeare", "fineweb-edu")
 
 # Defaults left as None by argparse are filled from the mode's table.
-DEMO_DEFAULTS = dict(preset="tiny", batch_size=32, seq_len=128, total_batch=None, max_steps=2000,
-                     lr=3e-3, warmup_steps=100, eval_every=250, eval_batches=10, ckpt_every=1000,
+DEMO_DEFAULTS = dict(preset="tiny", batch_size=32, seq_len=128, total_batch=None, max_steps=1000,
+                     lr=3e-3, warmup_steps=100, eval_every=200, eval_batches=10, ckpt_every=500,
                      log_every=100)
 GPT2_DEFAULTS = dict(preset="gpt2", batch_size=64, seq_len=1024, total_batch=524288, max_steps=19073,
                      lr=6e-4, warmup_steps=715, eval_every=250, eval_batches=20, ckpt_every=1000,
