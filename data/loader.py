@@ -21,10 +21,10 @@ can also restart with another world_size or batch_size: the stream then continue
 token.
 
 Memory. Shards are memory-mapped (np.load(mmap_mode="r")) and never copied whole; a batch gathers
-its B * T + 1 tokens from them. For the shard being read the loader keeps its document layout in
-memory: about 32 bytes per document (start, length, permutation, running offsets), e.g. about
-32 MB for a 100M-token FineWeb-Edu shard of ~1M documents, for the two most recent shards. Finding
-the documents reads the shard once per epoch in 16M-token pieces.
+its B * T + 1 tokens from them. For the two shards read most recently the loader keeps their
+document layout in memory: 16 bytes per document (source start and running offset, int64; about
+40 bytes while it is built), e.g. about 16 MB for a 100M-token FineWeb-Edu shard of ~1M documents.
+Finding the documents reads the shard once per epoch, in 16M-token pieces.
 """
 import glob
 import os

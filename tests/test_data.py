@@ -147,6 +147,8 @@ def test_in_memory_array_with_its_own_separator():
     x, y = loader.next_batch()
     assert sorted(documents(x[0].numpy(), eot=10)) == sorted(documents(data, eot=10))
     assert y[0, -1] == loader.next_batch()[0][0, 0]
+    as_tensor = TokenLoader([torch.tensor(data.tolist())], batch_size=1, seq_len=len(data), seed=0, eot=10)
+    assert torch.equal(as_tensor.next_batch()[0], x)  # a CPU tensor works as an array does
 
 
 def test_from_dir_memory_maps_the_split(tmp_path):
