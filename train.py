@@ -209,6 +209,35 @@ def seed_everything(seed):
     random.seed(seed)
 
 
+def announce(args, model, procs, device, start):
+    ops = ",".join(sorted(kernel_ops(model.config, device))) or "none"
+    print(f"data {args.data}; model {args.preset} {model.num_params() / 1e6:.2f}M parameters, "
+          f"kernels {args.kernels!r} -> {ops}; device {device} x {procs.world_size}; "
+          f"{args.total_batch:,} tokens/step = {args.batch_size} x {args.seq_len} x {procs.world_size} x "
+          f"{args.grad_accum} accumulation; steps {start + 1}..{args.max_steps}", flush=True)
+
+
+def evaluate(step, model, forward_model, val_loader, hellaswag, codec, log, args, device, procs):
+    """Validation loss (and HellaSwag) on every rank; rank 0 logs them and prints samples."""
+    result = {"step": step, "val_loss": val_loss(forward_model, val_loader, args, device, procs)}
+    if hellaswag:
+        result["hellaswag"] = hellaswag_accuracy(model, hellaswag, codec, device, procs)
+    if procs.main:
+        log.write(result)
+        print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()),
+              flush=True)
+        if codec and args.samples:
+            print_samples(model, codec, args, step, device)
+
+
+def step_record(step, loss, norm, lr, seconds, flops_per_token, peak, args, procs):
+    """A step's log.jsonl line; MFU is per GPU, against the device's dense bf16 peak."""
+    tokens_per_s = args.total_batch / seconds
+    mfu = flops_per_token * tokens_per_s / (peak * procs.world_size) if peak else None
+    return {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "ms": 1000 * seconds,
+            "tokens_per_s": tokens_per_s, "mfu": mfu}
+
+
 def run(args, procs, device):
     train_loader = data.loader(args, "train", procs)  # first: missing data fails fast
     val_loader = data.loader(args, "val", procs)
@@ -221,7 +250,6 @@ def run(args, procs, device):
     log = logs.JsonLog(os.path.join(args.out_dir, "log.jsonl"), resume_step=start) if procs.main else None
     hellaswag = hellaswag_file(args, procs)
     codec = load_codec(args, hellaswag, procs)
-
     forward_model = torch.compile(model) if args.compile else model
     train_model = forward_model
     if procs.distributed:
@@ -229,39 +257,25 @@ def run(args, procs, device):
     flops_per_token = logs.flops_per_token(model.config, model.num_params(), args.seq_len)
     peak = logs.peak_flops(device)
     if procs.main:
-        print(f"data {args.data}; model {args.preset} {model.num_params() / 1e6:.2f}M parameters, "
-              f"kernels {args.kernels!r} -> {','.join(sorted(kernel_ops(model.config, device))) or 'none'}; "
-              f"device {device} x {procs.world_size}; {args.total_batch:,} tokens/step = {args.batch_size} x "
-              f"{args.seq_len} x {procs.world_size} x {args.grad_accum} accumulation; steps {start + 1}..{args.max_steps}",
-              flush=True)
+        announce(args, model, procs, device, start)
 
     for step in range(start + 1, args.max_steps + 1):
         t0 = time.time()
         lr = lr_at(step - 1, args)
         loss, norm = train_step(train_model, optimizer, train_loader, args, lr, device, procs)
         loss, norm = loss.item(), norm.item()  # waits for the GPU, so the time below is the step's
-        dt = time.time() - t0
+        seconds = time.time() - t0
         if not (math.isfinite(loss) and math.isfinite(norm)):
-            last = checkpoint.describe(ckpt_path)
             raise Stop(f"loss {loss}, grad norm {norm} at step {step}: stopping. The last good checkpoint "
-                       f"is {last}; resume from it with a lower --lr or more --warmup-steps")
-        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "ms": 1000 * dt,
-                  "tokens_per_s": args.total_batch / dt,
-                  "mfu": flops_per_token * args.total_batch / dt / (peak * procs.world_size) if peak else None}
+                       f"is {checkpoint.describe(ckpt_path)}; resume from it with a lower --lr or more "
+                       "--warmup-steps")
         if procs.main:
+            record = step_record(step, loss, norm, lr, seconds, flops_per_token, peak, args, procs)
             log.write(record)
-            if step % args.log_every == 0 or step == args.max_steps or step == start + 1:
+            if step % args.log_every == 0 or step in (start + 1, args.max_steps):
                 print(logs.format_step(record), flush=True)
         if step % args.eval_every == 0 or step == args.max_steps:
-            result = {"step": step, "val_loss": val_loss(forward_model, val_loader, args, device, procs)}
-            if hellaswag:
-                result["hellaswag"] = hellaswag_accuracy(model, hellaswag, codec, device, procs)
-            if procs.main:
-                log.write(result)
-                print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()),
-                      flush=True)
-                if codec and args.samples:
-                    print_samples(model, codec, args, step, device)
+            evaluate(step, model, forward_model, val_loader, hellaswag, codec, log, args, device, procs)
         if step % args.ckpt_every == 0 or step == args.max_steps:
             save_checkpoint(ckpt_path, model, optimizer, train_loader, step, args, procs)
     if procs.main:
