@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="MIT",
-    packages=["kernels", "model", "data"],
+    packages=["kernels", "model", "data", "trainer"],
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0", "numpy", "tiktoken", "safetensors", "huggingface_hub"],
     extras_require={

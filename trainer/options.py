@@ -1,0 +1,101 @@
+"""Command-line options of train.py, their per-mode defaults and their checks.
+
+Two modes: the offline demo (`--data demo`, bytes as tokens, the tiny preset, small batches) and
+GPT-2-tokenizer runs on token shards (the build-nanogpt recipe: 524288 tokens a step, 6e-4 peak
+learning rate, 715 warmup steps, 19073 steps = one pass over 10B FineWeb-Edu tokens).
+"""
+import argparse
+import os
+
+from model.gpt import PRESETS
+
+DATASETS = ("demo", "shakespeare", "fineweb-edu")
+
+# Defaults left as None by argparse are filled from the mode's table.
+DEMO_DEFAULTS = dict(preset="tiny", batch_size=32, seq_len=128, total_batch=None, max_steps=1000,
+                     lr=3e-3, warmup_steps=100, eval_every=200, eval_batches=10, ckpt_every=500,
+                     log_every=100)
+GPT2_DEFAULTS = dict(preset="gpt2", batch_size=64, seq_len=1024, total_batch=524288, max_steps=19073,
+                     lr=6e-4, warmup_steps=715, eval_every=250, eval_batches=20, ckpt_every=1000,
+                     log_every=1)
+
+
+def build_parser(description):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("--data", default="demo", help="demo (default, offline, bytes), shakespeare, fineweb-edu "
+        "(shards under data/<name>/, made by `python -m data.prepare <name>`) or a directory of shards")
+    add("--preset", help=f"model preset: {', '.join(PRESETS)} (default: tiny for the demo, gpt2 otherwise)")
+    add("--kernels", default="auto", help='"auto" (default), "all", "none" or a comma list of '
+        "layer_norm,attention,mlp,cross_entropy")
+    add("--batch-size", type=int, help="sequences per micro-step per process")
+    add("--seq-len", type=int, help="tokens per sequence")
+    add("--total-batch", type=int, help="tokens per optimizer step over all processes; a multiple of "
+        "batch-size * seq-len * processes, reached by gradient accumulation (default: no accumulation "
+        "for the demo, 524288 otherwise)")
+    add("--max-steps", type=int, help="optimizer steps")
+    add("--lr", type=float, help="peak learning rate (cosine decay to a tenth of it)")
+    add("--warmup-steps", type=int, help="linear warmup steps")
+    add("--weight-decay", type=float, default=0.1, help="AdamW weight decay on 2-D parameters (default 0.1)")
+    add("--eval-every", type=int, help="validation loss (and HellaSwag) every this many steps, and at the end")
+    add("--eval-batches", type=int, help="validation micro-batches per evaluation")
+    add("--hellaswag", choices=("auto", "on", "off"), default="auto",
+        help="HellaSwag acc_norm at each evaluation (GPT-2-tokenizer runs only): on (downloads the "
+             "file if needed), off, or auto (default: on when the file is already cached)")
+    add("--samples", type=int, default=2, help="samples printed at each evaluation (default 2)")
+    add("--log-every", type=int, help="console line every this many steps (log.jsonl gets every step)")
+    add("--ckpt-every", type=int, help="checkpoint every this many steps (and always at the end)")
+    add("--out-dir", default="out", help="log.jsonl, loss.png and ckpt.pt go here (default: out)")
+    add("--resume", help='a checkpoint to continue from, or "auto" for <out-dir>/ckpt.pt when it exists')
+    add("--compile", action="store_true", help="torch.compile the model")
+    add("--device", help="cpu, cuda or cuda:N (default: cuda when available; torchrun uses cuda:LOCAL_RANK)")
+    add("--seed", type=int, default=1337)
+    add("--plot", metavar="LOG_JSONL", help="only draw <log>.png from a log.jsonl and exit")
+    return p
+
+
+def parse_args(argv, description="", world_size=1):
+    """Parse and check argv; exits with status 2 and a message on a bad value."""
+    p = build_parser(description)
+    args = p.parse_args(argv)
+    if args.plot:
+        return args
+    defaults = DEMO_DEFAULTS if args.data == "demo" else GPT2_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.total_batch is None:
+        args.total_batch = args.batch_size * args.seq_len * world_size
+    error = check(args, world_size)
+    if error:
+        p.error(error)
+    args.grad_accum = args.total_batch // (args.batch_size * args.seq_len * world_size)
+    args.world_size = world_size
+    return args
+
+
+def check(args, world_size):
+    """The first problem with args as a message, or None."""
+    for flag in ("batch_size", "seq_len", "total_batch", "max_steps", "eval_every", "eval_batches",
+                 "log_every", "ckpt_every"):
+        if getattr(args, flag) < 1:
+            return f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}"
+    if args.samples < 0 or args.warmup_steps < 0:
+        return "--samples and --warmup-steps must be non-negative"
+    if not 0 < args.lr < float("inf"):
+        return f"--lr must be a positive number, got {args.lr}"
+    if not 0 <= args.weight_decay < float("inf"):
+        return f"--weight-decay must be non-negative, got {args.weight_decay}"
+    if args.preset not in PRESETS:
+        return f"--preset {args.preset!r} is not one of {', '.join(PRESETS)}"
+    per_micro = args.batch_size * args.seq_len * world_size
+    if args.total_batch % per_micro:
+        return (f"--total-batch {args.total_batch} must be a multiple of batch-size * seq-len * processes"
+                f" = {args.batch_size} * {args.seq_len} * {world_size} = {per_micro}")
+    if args.data not in DATASETS and not os.path.isdir(args.data):
+        return f"--data {args.data!r} is not one of {', '.join(DATASETS)} nor a directory"
+    if args.data == "demo" and args.hellaswag == "on":
+        return "--hellaswag on needs the GPT-2 tokenizer: use it with --data shakespeare, fineweb-edu or shards"
+    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
+        return f"--resume {args.resume!r}: no such checkpoint file"
+    return None
