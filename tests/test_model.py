@@ -193,19 +193,18 @@ def test_kernels_match_reference_2x_rule(spec, device):
         assert_close_2x(actual[name], baseline[name], expected[name], f"kernels={spec!r} {name}")
 
 
-@pytest.mark.parametrize("spec", ["none", pytest.param("attention", marks=pytest.mark.skipif(
-    "attention" not in gpt.available_kernels(), reason="kernel 'attention' not built yet"))])
-def test_torch_compile_matches_eager(spec, device):
-    """torch.compile runs the model (with the attention kernel on: a torch.library custom op) and
-    gives eager's loss and gradients. On CPU aot_eager traces the same graphs without Inductor's
-    C++ build, which takes minutes there."""
+def test_torch_compile_matches_eager(device):
+    """torch.compile traces the model with the attention kernel on (a torch.library custom op; the
+    reference model while the kernel is not built) into one graph, with eager's loss and gradients.
+    On CPU aot_eager traces the same graphs without Inductor's C++ build (minutes there)."""
     torch._dynamo.reset()
+    spec = "attention" if "attention" in gpt.available_kernels() else "none"
     model = tiny(device, kernels=spec)
     idx, targets = batch(device)
     eager = forward_backward(model, idx, targets)
     model.zero_grad(set_to_none=True)
     backend = "inductor" if device.type == "cuda" else "aot_eager"
-    loss = torch.compile(model, backend=backend)(idx, targets)[1]
+    loss = torch.compile(model, backend=backend, fullgraph=True)(idx, targets)[1]
     loss.backward()
     torch.testing.assert_close(loss.detach(), eager["loss"])
     for name, p in model.named_parameters():
@@ -506,13 +505,11 @@ def test_kv_cache_logits_match_full_forward():
             assert caches[0].length == min(t, 16)
 
 
-@pytest.mark.parametrize("spec", [pytest.param("attention", marks=pytest.mark.skipif(
-    "attention" not in gpt.available_kernels(), reason="kernel 'attention' not built yet")), "all"])
-def test_kv_cache_with_the_attention_kernel(monkeypatch, device, spec):
+def test_kv_cache_with_the_attention_kernel(monkeypatch, device):
     """The attention kernel (or, before it is built, the reference in its place) runs every cached
     step, with one query against the cache, and greedy tokens match the uncached model's."""
     seen = record_attention(monkeypatch, "attention")
-    model = tiny(device, kernels=spec, block_size=16).eval()
+    model = tiny(device, kernels="attention", block_size=16).eval()
     idx = batch(device, T=5)[0]
     cached = model.generate(idx, 14, top_k=1)
     assert seen == cached_steps(5, 14, 16, TINY.n_layer)
