@@ -373,7 +373,7 @@ class GPT(nn.Module):
         embeddings are learned and absolute, so once the sequence passes block_size the cropped
         window's positions all shift and the cached keys go stale: from then on each step re-runs
         the last block_size tokens (a fresh prefill), what use_cache=False does at every step.
-        Both give the same tokens. In training mode with dropout > 0 no cache is kept (attention
+        Both give the same logits up to rounding, so the same tokens. In training mode with dropout > 0 no cache is kept (attention
         dropout runs only with as many queries as keys).
         """
         _check_sampling(max_new_tokens, temperature, top_k, use_cache)
@@ -393,7 +393,8 @@ class GPT(nn.Module):
         """
         ops = select_ops(self.config, idx.device)
         if caches is None or caches[0].length == self.config.block_size:
-            idx = idx[:, -self.config.block_size:]
+            idx = idx[..., -self.config.block_size:]  # `...`: a bad rank reaches the check
+            self._check_inputs(idx, None)
             caches = [KVCache(self.config.block_size) for _ in self.transformer.h]
         else:
             idx = idx[:, -1:]

@@ -448,6 +448,15 @@ def test_generate_rejects_bad_arguments(kwargs):
         model.generate(batch(T=3)[0], **{"max_new_tokens": 2, **kwargs})
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_rejects_bad_idx(use_cache):
+    model = tiny(kernels="none")
+    idx = batch(T=3)[0]
+    for bad, error in ((idx.float(), TypeError), (idx[0], ValueError), (idx[:, :0], ValueError)):
+        with pytest.raises(error, match="idx"):
+            model.generate(bad, 2, use_cache=use_cache)
+
+
 # ---------------------------------------------------------------- KV cache
 
 def record_attention(monkeypatch, spec):
