@@ -3,7 +3,7 @@
     config = GPTConfig.from_name("gpt2", kernels="auto")
     model = GPT(config)                          # or GPT.from_pretrained("gpt2")
     logits, loss = model(idx, targets)           # targets equal to -1 are ignored
-    out = model.generate(idx, max_new_tokens=20, top_k=50)
+    out = model.generate(idx, max_new_tokens=20, top_k=50)   # with a KV cache; use_cache=False without
 
 Four ops can run as Triton kernels: layer_norm, attention, mlp (Linear -> tanh GELU -> Linear)
 and cross_entropy. `GPTConfig.kernels` picks them: "none" (plain PyTorch, exactly the reference
@@ -22,7 +22,7 @@ import dataclasses
 import json
 import math
 import os
-from types import SimpleNamespace
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -109,13 +109,30 @@ def kernel_ops(config, device):
 
 
 def _sdpa(q, k, v, dropout_p):
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    """PyTorch's attention. Tq == Tk (training, a prefill): SDPA's causal fast path, with attention
+    dropout. Tq < Tk (a KV-cache step): the reference, whose causal mask is aligned to the end, as
+    the kernel's is; SDPA's is_causal would align it to the start and hide the cached keys."""
+    if q.shape[-2] == k.shape[-2]:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    if dropout_p:
+        raise ValueError("attention dropout needs as many queries as keys; a KV-cache step has fewer")
+    return kernels.reference.flash_attention(q, k, v, causal=True)
 
 
 def _flash_attention(q, k, v, dropout_p):
     if dropout_p:  # kernel_ops never picks the kernel with dropout; guard against a changed config
         raise ValueError("the flash_attention kernel has no attention dropout")
     return kernels.flash_attention(q, k, v, causal=True)
+
+
+class Ops(NamedTuple):
+    """The op callables of one forward pass. A NamedTuple: torch.compile traces its construction,
+    where a SimpleNamespace would break the graph."""
+    layer_norm: Callable
+    mlp: Callable
+    cross_entropy: Callable
+    linear_cross_entropy: Optional[Callable]  # the fused lm_head + loss, only with its kernel on
+    attention: Callable
 
 
 def select_ops(config, device):
@@ -125,12 +142,9 @@ def select_ops(config, device):
     def pick(op):
         return getattr(kernels if op in on else kernels.reference, KERNEL_FUNCTIONS[op])
 
-    return SimpleNamespace(layer_norm=pick("layer_norm"), mlp=pick("mlp"),
-                           cross_entropy=pick("cross_entropy"),
-                           # the fused lm_head + loss, only with the cross_entropy kernel on
-                           linear_cross_entropy=(kernels.linear_cross_entropy
-                                                 if "cross_entropy" in on else None),
-                           attention=_flash_attention if "attention" in on else _sdpa)
+    return Ops(layer_norm=pick("layer_norm"), mlp=pick("mlp"), cross_entropy=pick("cross_entropy"),
+               linear_cross_entropy=kernels.linear_cross_entropy if "cross_entropy" in on else None,
+               attention=_flash_attention if "attention" in on else _sdpa)
 
 
 @dataclasses.dataclass
@@ -185,6 +199,32 @@ class LayerNorm(nn.Module):
         return ops.layer_norm(x, self.weight, self.bias, self.eps)
 
 
+class KVCache:
+    """One attention layer's keys and values for the positions run so far (generate's KV cache).
+
+    The (B, H, capacity, D) buffers are allocated on the first append and filled from the left;
+    attention reads views of their first `length` positions (the ops accept any strides).
+    """
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+        self.length = 0
+        self.k = self.v = None
+
+    def append(self, k, v):
+        """Store k, v (B, H, T, D) after the cached positions; return the keys and values of all."""
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions; {end} asked")
+        if self.k is None:
+            shape = (*k.shape[:2], self.capacity, k.shape[3])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with one fused q/k/v projection."""
 
@@ -196,11 +236,16 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, ops):
+    def forward(self, x, ops, cache=None):
+        """x: (B, T, C). With a KVCache, x holds the T positions after the cached ones: their keys
+        and values join the cache and their queries attend to every cached position (Tq < Tk, the
+        causal mask aligned to the end)."""
         B, T, C = x.shape
         # (B, T, 3C) -> three (B, H, T, D) views; the ops accept non-contiguous inputs.
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for t in self.c_attn(x).split(C, dim=2))
+        if cache is not None:
+            k, v = cache.append(k, v)
         y = ops.attention(q, k, v, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -230,8 +275,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, ops):
-        x = x + self.attn(self.ln_1(x, ops), ops)
+    def forward(self, x, ops, cache=None):
+        x = x + self.attn(self.ln_1(x, ops), ops, cache)
         return x + self.mlp(self.ln_2(x, ops), ops)
 
 
@@ -293,11 +338,7 @@ class GPT(nn.Module):
         """
         self._check_inputs(idx, targets)
         ops = select_ops(self.config, idx.device)
-        pos = torch.arange(idx.shape[1], device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x, ops)
-        x = self.transformer.ln_f(x, ops)
+        x = self._hidden(idx, ops)
         if targets is not None and ops.linear_cross_entropy is not None:
             loss = ops.linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.lm_head.weight,
                                             targets.reshape(-1), ignore_index=-1)
@@ -308,29 +349,57 @@ class GPT(nn.Module):
         loss = ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
+    def _hidden(self, idx, ops, caches=None):
+        """Embeddings, blocks and the final LayerNorm: idx (B, T) -> (B, T, C). With caches (one
+        KVCache per layer), idx holds the tokens after the cached ones, at absolute positions
+        from the cache's length on, and the caches grow by them."""
+        start = caches[0].length if caches else 0
+        pos = torch.arange(start, start + idx.shape[1], device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, ops, caches[i] if caches else None)
+        return self.transformer.ln_f(x, ops)
+
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
         """Sample max_new_tokens tokens after idx (B, T) -> (B, T + max_new_tokens).
 
-        The context is cropped to the last block_size tokens; logits are divided by temperature
-        and, with top_k, all but the k largest are dropped. Call model.eval() first to turn off
-        dropout. Each step reruns the whole context (no KV cache).
+        Each token is drawn from the logits the model gives for the last block_size tokens, divided
+        by temperature and, with top_k, all but the k largest dropped. Call model.eval() first to
+        turn off dropout.
+
+        use_cache=True keeps a KV cache: the prompt runs once (prefill), then each step runs only
+        the new token, at its absolute position, against the cached keys and values. The position
+        embeddings are learned and absolute, so once the sequence passes block_size the cropped
+        window's positions all shift and the cached keys go stale: from then on each step re-runs
+        the last block_size tokens (a fresh prefill), what use_cache=False does at every step.
+        Both give the same logits up to rounding, so the same tokens. In training mode with dropout > 0 no cache is kept (attention
+        dropout runs only with as many queries as keys).
         """
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        _check_sampling(max_new_tokens, temperature, top_k, use_cache)
+        use_cache = use_cache and not (self.training and self.config.dropout > 0)
+        caches = None
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
-            logits = logits[:, -1, :] / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, -math.inf)
-            next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, next_id), dim=1)
+            logits, caches = self._next_logits(idx, caches if use_cache else None)
+            idx = torch.cat((idx, _sample(logits, temperature, top_k)), dim=1)
         return idx
+
+    def _next_logits(self, idx, caches):
+        """(B, V) logits of the token after idx, and the caches for the next call.
+
+        caches None (the first call, or no cache wanted) or full (the sequence has passed
+        block_size): run the last block_size tokens from scratch, into fresh caches. Otherwise
+        the caches hold every token of idx but the last, and only the last one runs.
+        """
+        ops = select_ops(self.config, idx.device)
+        if caches is None or caches[0].length == self.config.block_size:
+            idx = idx[..., -self.config.block_size:]  # `...`: a bad rank reaches the check
+            self._check_inputs(idx, None)
+            caches = [KVCache(self.config.block_size) for _ in self.transformer.h]
+        else:
+            idx = idx[:, -1:]
+        x = self._hidden(idx, ops, caches)
+        return self.lm_head(x[:, -1]), caches
 
     @classmethod
     def from_pretrained(cls, name_or_dir, **overrides):
@@ -367,6 +436,27 @@ class GPT(nn.Module):
         with torch.no_grad():
             for key, tensor in state.items():
                 own[key].copy_(tensor)
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, use_cache):
+    """ValueError naming the first bad argument of GPT.generate."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if not isinstance(use_cache, bool):
+        raise ValueError(f"use_cache must be a bool, got {use_cache!r}")
+
+
+def _sample(logits, temperature, top_k):
+    """One token id per row of (B, V) logits -> (B, 1): softmax(logits / temperature), top_k kept."""
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
 
 
 def _checkpoint_dir(name_or_dir):

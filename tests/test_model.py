@@ -168,7 +168,14 @@ def forward_backward(model, idx, targets):
     return out
 
 
-@pytest.mark.parametrize("spec", gpt.available_kernels() + ["all"])
+def each_kernel():
+    """Every op of KERNEL_FUNCTIONS, skipped while its kernel is not built, and "all"."""
+    return [pytest.param(op, marks=pytest.mark.skipif(op not in gpt.available_kernels(),
+                                                      reason=f"kernel {op!r} not built yet"))
+            for op in gpt.KERNEL_FUNCTIONS] + ["all"]
+
+
+@pytest.mark.parametrize("spec", each_kernel())
 def test_kernels_match_reference_2x_rule(spec, device):
     ref = tiny(device, kernels="none")
     with torch.no_grad():  # random LayerNorm weights and biases, not GPT-2's ones and zeros
@@ -184,6 +191,24 @@ def test_kernels_match_reference_2x_rule(spec, device):
     assert actual.keys() == baseline.keys()
     for name in actual:
         assert_close_2x(actual[name], baseline[name], expected[name], f"kernels={spec!r} {name}")
+
+
+def test_torch_compile_matches_eager(device):
+    """torch.compile traces the model with the attention kernel on (a torch.library custom op; the
+    reference model while the kernel is not built) into one graph, with eager's loss and gradients.
+    On CPU aot_eager traces the same graphs without Inductor's C++ build (minutes there)."""
+    torch._dynamo.reset()
+    spec = "attention" if "attention" in gpt.available_kernels() else "none"
+    model = tiny(device, kernels=spec)
+    idx, targets = batch(device)
+    eager = forward_backward(model, idx, targets)
+    model.zero_grad(set_to_none=True)
+    backend = "inductor" if device.type == "cuda" else "aot_eager"
+    loss = torch.compile(model, backend=backend, fullgraph=True)(idx, targets)[1]
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), eager["loss"])
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager[f"grad {name}"], msg=name)
 
 
 def test_targets_of_minus_one_are_ignored(device):
@@ -415,8 +440,105 @@ def test_generate_crops_context_to_block_size():
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=0.0), dict(temperature=-1.0),
                                     dict(temperature=float("inf")), dict(temperature=float("nan")),
-                                    dict(top_k=0), dict(top_k=2.5), dict(max_new_tokens=-1)])
+                                    dict(top_k=0), dict(top_k=2.5), dict(max_new_tokens=-1),
+                                    dict(use_cache=1)])
 def test_generate_rejects_bad_arguments(kwargs):
     model = tiny(kernels="none")
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         model.generate(batch(T=3)[0], **{"max_new_tokens": 2, **kwargs})
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_rejects_bad_idx(use_cache):
+    model = tiny(kernels="none")
+    idx = batch(T=3)[0]
+    for bad, error in ((idx.float(), TypeError), (idx[0], ValueError), (idx[:, :0], ValueError)):
+        with pytest.raises(error, match="idx"):
+            model.generate(bad, 2, use_cache=use_cache)
+
+
+# ---------------------------------------------------------------- KV cache
+
+def record_attention(monkeypatch, spec):
+    """Wrap the attention op the model uses with `spec` ("none": gpt._sdpa, "attention": the kernel,
+    or the reference standing in for it while it is not built); returns the list of (Tq, Tk)."""
+    seen = []
+    name, module = ("_sdpa", gpt) if spec == "none" else ("flash_attention", kernels)
+    real = getattr(module, name, kernels.reference.flash_attention)
+
+    def wrapper(q, k, v, *args, **kwargs):
+        seen.append((q.shape[2], k.shape[2]))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper, raising=False)
+    return seen
+
+
+def cached_steps(prompt, new, block_size, n_layer):
+    """The (Tq, Tk) of every attention call of a cached generate: a prefill of the prompt, then one
+    query against the cache per token while the sequence fits block_size, then a prefill of the
+    last block_size tokens per token."""
+    first = min(prompt, block_size)
+    steps = [(first, first)] + [(block_size, block_size) if total > block_size else (1, total)
+                                for total in range(prompt + 1, prompt + new)]
+    return [step for step in steps for _ in range(n_layer)]
+
+
+@pytest.mark.parametrize("prompt, new", [(5, 16), (20, 3)])
+def test_kv_cache_steps_and_tokens_match_no_cache(monkeypatch, prompt, new):
+    """float64, kernels "none": sampled (not only greedy) tokens are the same with and without the
+    cache from the same seed, across block_size, and the cache runs one query per new token."""
+    model = tiny(kernels="none", block_size=16).double().eval()
+    idx = batch(T=prompt)[0]
+    seen = record_attention(monkeypatch, "none")
+    torch.manual_seed(1)
+    cached = model.generate(idx, new, temperature=0.8, top_k=40)
+    assert seen == cached_steps(prompt, new, 16, TINY.n_layer)
+    torch.manual_seed(1)
+    assert torch.equal(cached, model.generate(idx, new, temperature=0.8, top_k=40, use_cache=False))
+    assert seen[len(seen) // 2:] == [(min(t, 16), min(t, 16)) for t in range(prompt, prompt + new)
+                                     for _ in range(TINY.n_layer)]
+
+
+def test_kv_cache_logits_match_full_forward():
+    """Teacher-forced through a sequence longer than block_size, each cached step's logits equal
+    the full forward's last-position logits (absolute positions, end-aligned mask) in float64."""
+    model = tiny(kernels="none", block_size=16).double().eval()
+    tokens = batch(T=24)[0]
+    caches = None
+    with torch.no_grad():
+        for t in range(3, tokens.shape[1] + 1):
+            logits, caches = model._next_logits(tokens[:, :t], caches)
+            expected = model(tokens[:, max(0, t - 16):t])[0][:, -1]
+            torch.testing.assert_close(logits, expected, rtol=1e-12, atol=1e-12, msg=f"step {t}")
+            assert caches[0].length == min(t, 16)
+
+
+def test_kv_cache_with_the_attention_kernel(monkeypatch, device):
+    """The attention kernel (or, before it is built, the reference in its place) runs every cached
+    step, with one query against the cache, and greedy tokens match the uncached model's."""
+    seen = record_attention(monkeypatch, "attention")
+    model = tiny(device, kernels="attention", block_size=16).eval()
+    idx = batch(device, T=5)[0]
+    cached = model.generate(idx, 14, top_k=1)
+    assert seen == cached_steps(5, 14, 16, TINY.n_layer)
+    reference = tiny(device, kernels="none", block_size=16).eval()
+    reference.load_state_dict(model.state_dict())
+    assert torch.equal(cached, reference.generate(idx, 14, top_k=1, use_cache=False))
+
+
+def test_sdpa_path_aligns_the_causal_mask_to_the_end():
+    q, k, v = (torch.randn(1, 2, t, 8, dtype=torch.float64) for t in (3, 7, 7))
+    expected = torch.stack([torch.softmax(q[..., i:i + 1, :] @ k[..., :i + 5, :].transpose(-1, -2)
+                                          / 8 ** 0.5, dim=-1) @ v[..., :i + 5, :]
+                            for i in range(3)], dim=2).squeeze(3)
+    torch.testing.assert_close(gpt._sdpa(q, k, v, 0.0), expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="dropout"):
+        gpt._sdpa(q, k, v, 0.1)
+
+
+def test_generate_keeps_no_cache_with_dropout_in_training(monkeypatch):
+    seen = record_attention(monkeypatch, "none")
+    model = tiny(kernels="none", dropout=0.1, block_size=16).train()
+    assert model.generate(batch(T=5)[0], 4).shape == (2, 9)
+    assert seen == [(t, t) for t in range(5, 9) for _ in range(TINY.n_layer)]
