@@ -44,7 +44,6 @@ APPROXIMATIONS = ("tanh", "none")
 # Split K only when each split gets at least this many rows, and at most MAX_SPLIT ways.
 MIN_K_PER_SPLIT = 1024
 MAX_SPLIT = 8
-SPLIT_ALIGN = 256  # a split's K range is a multiple of every BLOCK_K in the autotune list
 
 
 def autotune_configs():
@@ -220,7 +219,8 @@ def _split_k(M, N, K, device):
     splits = min(MAX_SPLIT, triton.cdiv(2 * num_programs_for(device), tiles), K // MIN_K_PER_SPLIT)
     if splits <= 1:
         return 1, K
-    per_split = triton.cdiv(triton.cdiv(K, splits), SPLIT_ALIGN) * SPLIT_ALIGN
+    align = max(c["BLOCK_K"] for c in autotune_configs())  # a split is whole BLOCK_K steps
+    per_split = triton.cdiv(triton.cdiv(K, splits), align) * align
     return triton.cdiv(K, per_split), per_split
 
 
