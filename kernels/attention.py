@@ -1,0 +1,542 @@
+"""Tiled FlashAttention, forward and backward: softmax(sm_scale * q @ k^T [+ causal mask]) @ v.
+
+Forward: each program owns BLOCK_M queries of one (batch, head) and walks the keys in tiles of
+BLOCK_N with an online softmax (running max m and sum l, fp32 accumulator), in base 2: scores are
+multiplied by sm_scale * log2(e) once and exponentiated with exp2. Key tiles every query of the tile
+sees run unmasked; only the tiles that cross the causal diagonal or the end of the keys are masked;
+tiles past the diagonal are never visited. Per query row the logsumexp (base 2, fp32) is saved.
+Backward: delta = rowsum(dO * O) in a small kernel; then one kernel per key tile accumulates dK and
+dV over the query tiles that see it, and one kernel per query tile accumulates dQ over its key
+tiles, both recomputing the probabilities from the saved logsumexp. Every gradient element is
+written by exactly one program (no float atomics), so repeated backward passes are bitwise equal.
+
+Semantics (== F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=sm_scale) for Tq == Tk):
+- q: (B, H, Tq, D), k and v: (B, H, Tk, D), any strides (the three views of a split fused qkv
+  projection are read in place). With causal=True the mask is aligned to the end: query i sees the
+  keys j <= i + Tk - Tq (a decoding step against a KV cache). Tq > Tk is allowed with the same
+  rule: the first Tq - Tk queries then see no key.
+- A query that sees no key gets an output of 0 and zero gradients (SDPA gives nan there).
+- The output has q's dtype and is laid out as (B, Tq, H, D) memory viewed as (B, H, Tq, D), so the
+  model's y.transpose(1, 2).contiguous() costs no copy; gradients come back in the same layout.
+Limits: D in {16, 32, 64, 128}; fp16, bf16 and fp32 (fp32 dots in full precision, no tf32); no
+dropout, no attention mask beyond causal; each (batch, head) slice must be addressable with 32-bit
+offsets. In Triton's interpreter (CPU) bf16 tiles are upcast to fp32 before tl.dot, whose bf16 path
+is wrong there; on CUDA they go to the tensor cores as bf16.
+"""
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import check_device, check_tensor, interpreting
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEAD_DIMS = (16, 32, 64, 128)
+LOG2E = 1.4426950408889634
+
+# Tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages) autotuned on CUDA, per kernel and head dim,
+# pruned for H100 (wgmma wants 4 or 8 warps and M tiles of 64/128; 3 stages fit 228 KB of shared
+# memory at these sizes). BLOCK_M counts queries, BLOCK_N keys. The first entry of each list is the
+# expected winner at T = 1024 and the config kernels.inspect compiles.
+CUDA_CONFIGS = {
+    ("fwd", 64): [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
+    ("fwd", 128): [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 2), (64, 64, 4, 3)],
+    ("dkdv", 64): [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 4)],
+    ("dkdv", 128): [(64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3)],
+    ("dq", 64): [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
+    ("dq", 128): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)],
+}
+# Small head dims reuse the D = 64 lists (their tiles are smaller still).
+# One fixed config in the interpreter: small tiles (it runs programs one at a time, in numpy), with
+# BLOCK_M != BLOCK_N so the causal tile bookkeeping is exercised in its general form.
+INTERPRET_CONFIG = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+DELTA_BLOCK_M = 64
+
+
+# ---------------------------------------------------------------- kernels
+
+@triton.jit
+def _dot(a, b, IN_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """a @ b with both operands rounded to the inputs' dtype, as the tensor cores take them. UPCAST
+    (the interpreter on bf16) multiplies those rounded values in fp32 instead."""
+    a = a.to(IN_DTYPE)
+    b = b.to(IN_DTYPE)
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _key_range(m0, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the queries [m0, m0 + BLOCK_M): (full_end, hi). Key tiles in [0, full_end) are seen whole
+    by every query (no mask); tiles in [full_end, hi) need the mask; keys from hi on are seen by none.
+    Query i sees keys j < min(Tk, i + Tk - Tq + 1) when causal, j < Tk otherwise."""
+    if CAUSAL:
+        off = Tk - Tq
+        hi = tl.minimum(tl.maximum(m0 + BLOCK_M + off, 0), Tk)
+        full = tl.minimum(tl.maximum(m0 + off + 1, 0), Tk)
+    else:
+        hi = Tk
+        full = Tk
+    return (full // BLOCK_N) * BLOCK_N, hi
+
+
+@triton.jit
+def _attention_fwd_tiles(
+    acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d,
+    lo, hi, Tq, Tk, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, IN_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Fold the key tiles [lo, hi) into the running (acc, l, m); MASKED applies the key bound and
+    the causal mask (only the tiles that straddle either)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        if MASKED:
+            k = tl.load(k_ptrs, mask=offs_n[:, None] < Tk, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_n[:, None] < Tk, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = _dot(q, tl.trans(k), IN_DTYPE, UPCAST, PREC) * qk_scale
+        if MASKED:
+            keep = offs_n[None, :] < Tk
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:  # a row with no visible key so far keeps m = -inf: subtract 0 instead (p = 0)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p, v, IN_DTYPE, UPCAST, PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, O, Lse,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, Tq, Tk, qk_scale,
+    CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)  # (b, h) offsets can pass 2**31; within a head they cannot
+    b = bh // H
+    h = bh % H
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    O += b * stride_ob + h * stride_oh
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    row_ok = offs_m < Tq
+    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+    IN_DTYPE: tl.constexpr = Q.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_M, HEAD_D), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    full_end, hi = _key_range(m0, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _attention_fwd_tiles(
+        acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d,
+        0, full_end, Tq, Tk, qk_scale, False, CAUSAL, IN_DTYPE, UPCAST, PREC, BLOCK_N)
+    acc, l_i, m_i = _attention_fwd_tiles(
+        acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d,
+        full_end, hi, Tq, Tk, qk_scale, True, CAUSAL, IN_DTYPE, UPCAST, PREC, BLOCK_N)
+
+    # A row that saw no key has l = 0: output 0, and logsumexp +inf so the backward's
+    # exp2(s - lse) is 0 for it.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, o.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(Lse + bh * Tq + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attention_bwd_delta_kernel(
+    O, DO, Delta,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    H, Tq,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta_i = sum_d dO[i, d] * O[i, d], in fp32."""
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    row_ok = offs_m < Tq
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh * Tq + offs_m, delta, mask=row_ok)
+
+
+# With S = sm_scale * Q K^T (masked entries -inf), P = softmax(S) row-wise, O = P V, dO the output
+# gradient and delta_i = rowsum(dO * O)_i (which equals rowsum(P * dP)_i):
+#   dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = sm_scale * dS K,   dK = sm_scale * dS^T Q
+# P is recomputed as exp2(q.k * sm_scale * log2(e) - lse2) from the forward's base-2 logsumexp
+# (+inf for padding rows and rows that see no key, which makes their P exactly 0).
+@triton.jit
+def _query_range(n0, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the keys [n0, n0 + BLOCK_N): (lo, mid). Query tiles before lo see none of these keys;
+    tiles in [lo, mid) see some (causal mask needed); tiles from mid on see all of them."""
+    if CAUSAL:
+        off = Tk - Tq
+        first = tl.minimum(tl.maximum(n0 - off, 0), Tq)  # the first query that sees key n0
+        full = tl.minimum(tl.maximum(n0 + BLOCK_N - 1 - off, 0), Tq)  # ... that sees the whole tile
+        lo = (first // BLOCK_M) * BLOCK_M
+        mid = tl.cdiv(full, BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        mid = 0
+    return lo, mid
+
+
+@triton.jit
+def _attention_bwd_dkdv_tiles(
+    dk, dv, k, v, Q, DO, Lse, Delta, stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d,
+    lo, hi, Tq, Tk, qk_scale,
+    MASKED: tl.constexpr, EVEN_M: tl.constexpr, IN_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Accumulate dK and dV of one key tile over the query tiles [lo, hi), working transposed
+    (keys x queries) so no probability tile is ever transposed. MASKED applies the causal mask."""
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_ptrs = Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        do_ptrs = DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+        if MASKED or not EVEN_M:  # the last tile may pass Tq (padding rows add exactly 0)
+            row_ok = offs_m < Tq
+            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+            lse = tl.load(Lse + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(Lse + offs_m)
+            delta = tl.load(Delta + offs_m)
+        p_t = tl.math.exp2(_dot(k, tl.trans(q), IN_DTYPE, UPCAST, PREC) * qk_scale - lse[None, :])
+        if MASKED:
+            p_t = tl.where(offs_m[None, :] + (Tk - Tq) >= offs_n[:, None], p_t, 0.0)
+        dv += _dot(p_t, do, IN_DTYPE, UPCAST, PREC)
+        dp_t = _dot(v, tl.trans(do), IN_DTYPE, UPCAST, PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t, q, IN_DTYPE, UPCAST, PREC)
+    return dk, dv
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    H, Tq, Tk, qk_scale, sm_scale,
+    CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, HEAD_D: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per (key tile, batch, head): dK and dV of BLOCK_N keys. DK and DV share strides."""
+    n0 = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    DO += b * stride_dob + h * stride_doh
+    Lse += bh * Tq
+    Delta += bh * Tq
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_D)
+    key_ok = offs_n[:, None] < Tk
+    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=key_ok, other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=key_ok, other=0.0)
+    IN_DTYPE: tl.constexpr = Q.dtype.element_ty
+
+    dk = tl.zeros((BLOCK_N, HEAD_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_D), dtype=tl.float32)
+    lo, mid = _query_range(n0, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    dk, dv = _attention_bwd_dkdv_tiles(
+        dk, dv, k, v, Q, DO, Lse, Delta, stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d,
+        lo, mid, Tq, Tk, qk_scale, True, EVEN_M, IN_DTYPE, UPCAST, PREC, BLOCK_M)
+    dk, dv = _attention_bwd_dkdv_tiles(
+        dk, dv, k, v, Q, DO, Lse, Delta, stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d,
+        mid, Tq, Tq, Tk, qk_scale, False, EVEN_M, IN_DTYPE, UPCAST, PREC, BLOCK_M)
+
+    out = b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=key_ok)
+
+
+@triton.jit
+def _attention_bwd_dq_tiles(
+    dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d,
+    lo, hi, Tq, Tk, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, IN_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Accumulate dQ of one query tile over the key tiles [lo, hi); MASKED as in the forward."""
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        if MASKED:
+            k = tl.load(k_ptrs, mask=offs_n[:, None] < Tk, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_n[:, None] < Tk, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        p = tl.math.exp2(_dot(q, tl.trans(k), IN_DTYPE, UPCAST, PREC) * qk_scale - lse[:, None])
+        if MASKED:
+            keep = offs_n[None, :] < Tk
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))
+            p = tl.where(keep, p, 0.0)
+        dp = _dot(do, tl.trans(v), IN_DTYPE, UPCAST, PREC)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds, k, IN_DTYPE, UPCAST, PREC)
+    return dq
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, Tq, Tk, qk_scale, sm_scale,
+    CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per (query tile, batch, head): dQ of BLOCK_M queries."""
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    row_ok = offs_m < Tq
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=row_ok[:, None], other=0.0)
+    lse = tl.load(Lse + bh * Tq + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + bh * Tq + offs_m, mask=row_ok, other=0.0)
+    IN_DTYPE: tl.constexpr = Q.dtype.element_ty
+
+    dq = tl.zeros((BLOCK_M, HEAD_D), dtype=tl.float32)
+    full_end, hi = _key_range(m0, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    dq = _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                                 offs_m, offs_d, 0, full_end, Tq, Tk, qk_scale,
+                                 False, CAUSAL, IN_DTYPE, UPCAST, PREC, BLOCK_N)
+    dq = _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                                 offs_m, offs_d, full_end, hi, Tq, Tk, qk_scale,
+                                 True, CAUSAL, IN_DTYPE, UPCAST, PREC, BLOCK_N)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ---------------------------------------------------------------- launchers
+
+def _bucket(t):
+    """Sequence lengths that share one autotuning result (a new Tk at every decoding step must
+    not re-tune): the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(t))
+
+
+def cuda_configs(kind, head_d):
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) list autotuned for `kind` at head dim D."""
+    return CUDA_CONFIGS[(kind, 128 if head_d == 128 else 64)]
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kernel, kind, head_d, bucket_q, bucket_k):
+    """An autotuner over cuda_configs for one kernel, head dim and pair of length buckets."""
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bm, bn, w, s in cuda_configs(kind, head_d)]
+    return triton.autotune(configs, key=["CAUSAL"])(kernel)
+
+
+def _launch(kernel, kind, grid, args, constexprs, Tq, Tk):
+    """Launch with the fixed interpreter config, or autotuned on CUDA; grid(BLOCK_M, BLOCK_N)."""
+    if interpreting():
+        bm, bn, warps, stages = INTERPRET_CONFIG[kind]
+        kernel[grid(bm, bn)](*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        return
+    tuned = _tuned(kernel, kind, constexprs["HEAD_D"], _bucket(Tq), _bucket(Tk))
+    tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
+
+
+def _dot_options(dtype):
+    """UPCAST and PREC constexprs: bf16 dots upcast in the interpreter; fp32 dots in full precision."""
+    upcast = interpreting() and dtype == torch.bfloat16
+    prec = "ieee" if dtype == torch.float32 or upcast else "tf32"
+    return dict(UPCAST=upcast, PREC=prec)
+
+
+def _empty_bthd(B, H, T, D, like):
+    """A (B, H, T, D) tensor over (B, T, H, D) memory: what the model transposes back for free."""
+    return torch.empty((B, T, H, D), dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+def _strides(*tensors):
+    return [s for t in tensors for s in t.stride()]
+
+
+def _attention_fwd(q, k, v, causal, sm_scale):
+    """(o, lse): the output (q's dtype, _empty_bthd layout) and the base-2 logsumexp (B, H, Tq) fp32."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    o = _empty_bthd(B, H, Tq, D, q)
+    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    args = (q, k, v, o, lse, *_strides(q, k, v, o), H, Tq, Tk, sm_scale * LOG2E)
+    _launch(_attention_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(Tq, bm), B * H), args,
+            dict(CAUSAL=causal, HEAD_D=D, **_dot_options(q.dtype)), Tq, Tk)
+    return o, lse
+
+
+def _attention_bwd(do, q, k, v, o, lse, causal, sm_scale):
+    """(dq, dk, dv) in the inputs' dtype, each in _empty_bthd layout."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    do = do.to(q.dtype)
+    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    _attention_bwd_delta_kernel[(triton.cdiv(Tq, DELTA_BLOCK_M), B * H)](
+        o, do, delta, *_strides(o, do), H, Tq, HEAD_D=D, BLOCK_M=DELTA_BLOCK_M)
+    dq = _empty_bthd(B, H, Tq, D, q)
+    dk = _empty_bthd(B, H, Tk, D, k)
+    dv = _empty_bthd(B, H, Tk, D, v)
+    scales = (H, Tq, Tk, sm_scale * LOG2E, sm_scale)
+    options = dict(CAUSAL=causal, HEAD_D=D, **_dot_options(q.dtype))
+    # EVEN_M is fixed per launch (not per autotuned BLOCK_M): it holds when Tq is a multiple of
+    # every query tile any config uses.
+    even_m = Tq % 128 == 0 if not interpreting() else Tq % INTERPRET_CONFIG["dkdv"][0] == 0
+    _launch(_attention_bwd_dkdv_kernel, "dkdv", lambda bm, bn: (triton.cdiv(Tk, bn), B * H),
+            (q, k, v, do, lse, delta, dk, dv, *_strides(q, k, v, do, dk), *scales),
+            dict(options, EVEN_M=even_m), Tq, Tk)
+    _launch(_attention_bwd_dq_kernel, "dq", lambda bm, bn: (triton.cdiv(Tq, bm), B * H),
+            (q, k, v, do, lse, delta, dq, *_strides(q, k, v, do, dq), *scales), options, Tq, Tk)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------- custom ops (autograd, torch.compile)
+
+@torch.library.custom_op("tritongpt::flash_attention_fwd", mutates_args=())
+def flash_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                           sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attention_fwd(q, k, v, causal, sm_scale)
+
+
+@flash_attention_fwd_op.register_fake
+def _(q, k, v, causal, sm_scale):
+    B, H, Tq, D = q.shape
+    return _empty_bthd(B, H, Tq, D, q), q.new_empty((B, H, Tq), dtype=torch.float32)
+
+
+@torch.library.custom_op("tritongpt::flash_attention_bwd", mutates_args=())
+def flash_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           o: torch.Tensor, lse: torch.Tensor, causal: bool,
+                           sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attention_bwd(do, q, k, v, o, lse, causal, sm_scale)
+
+
+@flash_attention_bwd_op.register_fake
+def _(do, q, k, v, o, lse, causal, sm_scale):
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    return _empty_bthd(B, H, Tq, D, q), _empty_bthd(B, H, Tk, D, k), _empty_bthd(B, H, Tk, D, v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, sm_scale = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.causal = causal
+    ctx.sm_scale = sm_scale
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = flash_attention_bwd_op(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale)
+    return dq, dk, dv, None, None
+
+
+flash_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- public function
+
+def _check_inputs(q, k, v, causal, sm_scale):
+    """Validate everything before any launch; return sm_scale as a float."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, dtypes=DTYPES)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (B, H, T, D), got {tuple(t.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+    B, H, Tq, D = q.shape
+    if D not in HEAD_DIMS:
+        raise ValueError(f"q's head dim (last dimension) must be one of {HEAD_DIMS}, got {D}")
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        raise ValueError(f"k must have shape ({B}, {H}, Tk, {D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if min(B, H, Tq, k.shape[2]) < 1:
+        raise ValueError(f"q and k must be non-empty, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    for name, t in (("q", q), ("k", k), ("v", v)):  # offsets within one (batch, head) are 32-bit
+        if (t.shape[2] - 1) * abs(t.stride(2)) + (D - 1) * abs(t.stride(3)) >= 2**31:
+            raise ValueError(f"{name}: one (batch, head) slice spans 2**31 elements or more; unsupported")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if sm_scale is not None and (isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float))
+                                 or not math.isfinite(sm_scale)):
+        raise TypeError(f"sm_scale must be a finite number or None, got {sm_scale!r}")
+    check_device({"q": q, "k": k, "v": v})
+    return 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
+
+
+def flash_attention(q, k, v, causal=True, sm_scale=None):
+    """Attention in Triton: F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=sm_scale).
+
+    q: (B, H, Tq, D); k, v: (B, H, Tk, D); one dtype (fp16, bf16 or fp32), D in {16, 32, 64, 128},
+    any strides (no copies). sm_scale defaults to 1 / sqrt(D). With causal=True and Tq != Tk the
+    mask is aligned to the end: query i sees the keys j <= i + Tk - Tq (SDPA aligns it to the
+    start); a query that sees no key (only possible when Tq > Tk) gets 0, not nan, and no gradient.
+    Returns q's dtype and shape, laid out as (B, Tq, H, D) memory. Differentiable in q, k and v
+    (first order); the backward is deterministic. No dropout, no other masks.
+    """
+    sm_scale = _check_inputs(q, k, v, causal, sm_scale)
+    return flash_attention_fwd_op(q, k, v, causal, sm_scale)[0]
