@@ -22,7 +22,7 @@ import dataclasses
 import json
 import math
 import os
-from types import SimpleNamespace
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -118,6 +118,15 @@ def _flash_attention(q, k, v, dropout_p):
     return kernels.flash_attention(q, k, v, causal=True)
 
 
+class Ops(NamedTuple):
+    """The op callables of one forward pass (a NamedTuple: torch.compile traces its construction)."""
+    layer_norm: Callable
+    mlp: Callable
+    cross_entropy: Callable
+    linear_cross_entropy: Optional[Callable]  # the fused lm_head + loss, only with the cross_entropy kernel on
+    attention: Callable
+
+
 def select_ops(config, device):
     """The four op callables a forward pass on `device` uses: Triton kernels or the references."""
     on = kernel_ops(config, device)
@@ -125,12 +134,9 @@ def select_ops(config, device):
     def pick(op):
         return getattr(kernels if op in on else kernels.reference, KERNEL_FUNCTIONS[op])
 
-    return SimpleNamespace(layer_norm=pick("layer_norm"), mlp=pick("mlp"),
-                           cross_entropy=pick("cross_entropy"),
-                           # the fused lm_head + loss, only with the cross_entropy kernel on
-                           linear_cross_entropy=(kernels.linear_cross_entropy
-                                                 if "cross_entropy" in on else None),
-                           attention=_flash_attention if "attention" in on else _sdpa)
+    return Ops(layer_norm=pick("layer_norm"), mlp=pick("mlp"), cross_entropy=pick("cross_entropy"),
+               linear_cross_entropy=kernels.linear_cross_entropy if "cross_entropy" in on else None,
+               attention=_flash_attention if "attention" in on else _sdpa)
 
 
 @dataclasses.dataclass

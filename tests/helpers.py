@@ -59,3 +59,24 @@ def forbid_launches(monkeypatch, module, *kernel_names):
             raise AssertionError("a kernel was launched before the input check")
     for name in kernel_names:
         monkeypatch.setattr(module, name, Forbidden())
+
+
+_can_compile = None
+
+
+def compile_fullgraph(fn):
+    """torch.compile(fn, fullgraph=True), or skip the test where this machine cannot compile at all
+    (no C++ compiler for inductor, say). The check compiles a trivial function once, so a graph
+    break or an error in fn itself still fails the test."""
+    import pytest
+
+    global _can_compile
+    if _can_compile is None:
+        try:
+            torch.compile(lambda t: t * 2 + 1, fullgraph=True)(torch.ones(3))
+            _can_compile = ""
+        except Exception as e:  # noqa: BLE001 (any failure means: no compiler here)
+            _can_compile = f"{type(e).__name__}: {e}".splitlines()[0]
+    if _can_compile:
+        pytest.skip(f"torch.compile does not work on this machine ({_can_compile})")
+    return torch.compile(fn, fullgraph=True)
