@@ -80,3 +80,17 @@ def compile_fullgraph(fn):
     if _can_compile:
         pytest.skip(f"torch.compile does not work on this machine ({_can_compile})")
     return torch.compile(fn, fullgraph=True)
+
+
+def assert_compiled_matches_eager(fn, inputs, rtol=1e-6, atol=1e-6):
+    """fn(*inputs) -> a scalar loss. Compiles fn (fullgraph: a graph break fails) and checks the
+    loss and the gradient of every input against eager (skips where nothing can compile)."""
+    compiled_fn = compile_fullgraph(fn)
+    eager = [t.detach().clone().requires_grad_() for t in inputs]
+    compiled = [t.detach().clone().requires_grad_() for t in inputs]
+    want, got = fn(*eager), compiled_fn(*compiled)
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=rtol, atol=0)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol)

@@ -4,7 +4,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_2x, compile_fullgraph, dtypes_for, forbid_launches
+from helpers import assert_close_2x, assert_compiled_matches_eager, dtypes_for, forbid_launches
 
 from kernels import cross_entropy, linear_cross_entropy, reference
 
@@ -303,13 +303,7 @@ def test_torch_compile_fullgraph(device):
         return (cross_entropy(x @ w.t(), targets, label_smoothing=0.1)
                 + linear_cross_entropy(x, w, targets, reduction="none").sum())
 
-    eager, compiled = [_leaf(t) for t in (x, w)], [_leaf(t) for t in (x, w)]
-    want, got = loss(*eager), compile_fullgraph(loss)(*compiled)
-    want.backward()
-    got.backward()
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
-    for a, b in zip(compiled, eager):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6)
+    assert_compiled_matches_eager(loss, (x, w))
 
 
 # ---------------------------------------------------------------- bad input

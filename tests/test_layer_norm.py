@@ -3,7 +3,7 @@ import importlib
 
 import pytest
 import torch
-from helpers import assert_close_2x, compile_fullgraph, dtypes_for, forbid_launches
+from helpers import assert_close_2x, assert_compiled_matches_eager, dtypes_for, forbid_launches
 
 from kernels import layer_norm, reference
 
@@ -185,14 +185,7 @@ def test_torch_compile_fullgraph(device):
     def loss(x, w, b):
         return (layer_norm(x * 2, w, b) ** 2).sum()
 
-    inputs = _inputs((6, 40), torch.float32, device)
-    eager, compiled = [_leaf(t) for t in inputs], [_leaf(t) for t in inputs]
-    want, got = loss(*eager), compile_fullgraph(loss)(*compiled)
-    want.backward()
-    got.backward()
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
-    for a, b in zip(compiled, eager):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6)
+    assert_compiled_matches_eager(loss, _inputs((6, 40), torch.float32, device))
 
 
 @pytest.fixture

@@ -101,11 +101,15 @@ def test_hf_gpt2_patched_matches_unpatched(monkeypatch, device):
     assert calls.count("flash_attention") == 2 and calls.count("layer_norm") == 5
 
 
-def test_hf_padding_mask_runs_the_original_attention(monkeypatch, device):
-    baseline = hf_model(device).eval()
+def patched_pair(baseline, monkeypatch):
+    """(a patched copy of baseline, baseline, the list the spied kernels record their calls in)."""
     patched = copy.deepcopy(baseline)
     kernels.patch(patched)
-    calls = spy_ops(monkeypatch)
+    return patched, baseline, spy_ops(monkeypatch)
+
+
+def test_hf_padding_mask_runs_the_original_attention(monkeypatch, device):
+    patched, baseline, calls = patched_pair(hf_model(device).eval(), monkeypatch)
     idx = torch.randint(0, 97, (2, 8), device=device)
     mask = torch.ones_like(idx)
     mask[0, :3] = 0  # left padding: a mask the kernel does not take
@@ -117,10 +121,7 @@ def test_hf_padding_mask_runs_the_original_attention(monkeypatch, device):
 
 def test_hf_generate_with_kv_cache(monkeypatch, device):
     """Greedy decoding goes through the cache: one query against all cached keys per step."""
-    baseline = hf_model(device).eval()
-    patched = copy.deepcopy(baseline)
-    kernels.patch(patched)
-    calls = spy_ops(monkeypatch)
+    patched, baseline, calls = patched_pair(hf_model(device).eval(), monkeypatch)
     idx = torch.randint(1, 97, (1, 5), device=device)
     steps = [m.generate(idx, max_new_tokens=3, do_sample=False, output_logits=True,
                         return_dict_in_generate=True) for m in (patched, baseline)]
@@ -296,10 +297,7 @@ def test_nanogpt_unsupported_parts_are_left_alone_and_reported(monkeypatch, devi
     report = kernels.patch(nano(device, act=nn.GELU()))
     assert all("approximate='none'" in c.how for c in report if c.path.endswith("mlp"))
     # training mode with dropout: the attention is nanoGPT's own, random numbers included
-    baseline = nano(device, dropout=0.1).train()
-    patched = copy.deepcopy(baseline)
-    kernels.patch(patched)
-    calls = spy_ops(monkeypatch)
+    patched, baseline, calls = patched_pair(nano(device, dropout=0.1).train(), monkeypatch)
     idx = torch.randint(0, 61, (2, 8), device=device)
     outs = []
     for m in (patched, baseline):
