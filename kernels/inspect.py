@@ -123,16 +123,82 @@ def _cross_entropy_bwd(ce, V, dtype):
                   constexprs=dict(ACC=_tl().float32, BLOCK_V=block_v), num_warps=num_warps)
 
 
+ATTN_T, ATTN_H = 1024, 12  # GPT-2's context and heads; causal, bf16
+
+
+def _attention_strides(D):
+    """Strides (b, h, t, d) of q, k, v as the model passes them (views of the fused (B, T, 3C)
+    projection) and of the launchers' outputs and gradients ((B, T, H, D) memory)."""
+    C = ATTN_H * D
+    return (ATTN_T * 3 * C, D, 3 * C, 1), (ATTN_T * C, D, C, 1)
+
+
+def _attention_launch(at, kind, D, dtype, pointers, strided):
+    """A Launch of one attention kernel at the first (expected best) of its CUDA configs.
+    pointers: (name, type) pairs; strided: (stride prefix, "in" or "out") in argument order."""
+    bm, bn, warps, stages = at.cuda_configs(kind, D)[0]
+    layouts = dict(zip(("in", "out"), _attention_strides(D)))
+    args = dict(pointers)
+    for prefix, layout in strided:
+        args.update(zip((f"{prefix}b", f"{prefix}h", f"{prefix}m" if prefix in ("stride_q", "stride_o",
+                         "stride_do", "stride_dq") else f"{prefix}n", f"{prefix}d"), layouts[layout]))
+    args.update(H=ATTN_H, Tq=ATTN_T, Tk=ATTN_T, qk_scale="fp32")
+    if kind != "fwd":
+        args["sm_scale"] = "fp32"
+    constexprs = dict(CAUSAL=True, HEAD_D=D, UPCAST=False, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn)
+    if kind == "dkdv":
+        constexprs["EVEN_M"] = True
+    return Launch(args=args, constexprs=constexprs, num_warps=warps, num_stages=stages)
+
+
+def _attention_fwd(at, D, dtype):
+    p = "*" + dtype
+    return _attention_launch(at, "fwd", D, dtype, (("Q", p), ("K", p), ("V", p), ("O", p), ("Lse", "*fp32")),
+                             (("stride_q", "in"), ("stride_k", "in"), ("stride_v", "in"), ("stride_o", "out")))
+
+
+def _attention_bwd_dkdv(at, D, dtype):
+    p = "*" + dtype
+    return _attention_launch(
+        at, "dkdv", D, dtype,
+        (("Q", p), ("K", p), ("V", p), ("DO", p), ("Lse", "*fp32"), ("Delta", "*fp32"), ("DK", p), ("DV", p)),
+        (("stride_q", "in"), ("stride_k", "in"), ("stride_v", "in"), ("stride_do", "out"), ("stride_dk", "out")))
+
+
+def _attention_bwd_dq(at, D, dtype):
+    p = "*" + dtype
+    return _attention_launch(
+        at, "dq", D, dtype,
+        (("Q", p), ("K", p), ("V", p), ("DO", p), ("Lse", "*fp32"), ("Delta", "*fp32"), ("DQ", p)),
+        (("stride_q", "in"), ("stride_k", "in"), ("stride_v", "in"), ("stride_do", "out"), ("stride_dq", "out")))
+
+
+def _attention_bwd_delta(at, D, dtype):
+    p = "*" + dtype
+    out = _attention_strides(D)[1]
+    args = dict(O=p, DO=p, Delta="*fp32", H=ATTN_H, Tq=ATTN_T)
+    for prefix in ("stride_o", "stride_do"):
+        args.update(zip((f"{prefix}b", f"{prefix}h", f"{prefix}m", f"{prefix}d"), out))
+    return Launch(args=args, constexprs=dict(HEAD_D=D, BLOCK_M=at.DELTA_BLOCK_M), num_warps=4)
+
+
 def kernel_table():
     """Every kernel of the project with the configs to compile it at."""
     ln_configs = _width_configs(limits=(8192, _module("layer_norm").MAX_C))
     # GPT-2's vocabulary, and the padded 50304 its training uses.
     ce_configs = tuple(Config(f"V={V} bf16", {"V": V, "dtype": "bf16"}, True) for V in (50257, 50304))
+    # Causal, T = 1024: GPT-2's head dim (hot path) and D = 128 (bigger models, the limit).
+    attn_configs = tuple(Config(f"T={ATTN_T} D={D} causal bf16", {"D": D, "dtype": "bf16"}, D == 64)
+                         for D in (64, 128))
     return [
         Kernel("layer_norm", "_layer_norm_fwd_kernel", _layer_norm_fwd, ln_configs),
         Kernel("layer_norm", "_layer_norm_bwd_kernel", _layer_norm_bwd, ln_configs),
         Kernel("cross_entropy", "_cross_entropy_fwd_kernel", _cross_entropy_fwd, ce_configs),
         Kernel("cross_entropy", "_cross_entropy_bwd_kernel", _cross_entropy_bwd, ce_configs),
+        Kernel("attention", "_attention_fwd_kernel", _attention_fwd, attn_configs, uses_mma=True),
+        Kernel("attention", "_attention_bwd_delta_kernel", _attention_bwd_delta, attn_configs),
+        Kernel("attention", "_attention_bwd_dkdv_kernel", _attention_bwd_dkdv, attn_configs, uses_mma=True),
+        Kernel("attention", "_attention_bwd_dq_kernel", _attention_bwd_dq, attn_configs, uses_mma=True),
     ]
 
 

@@ -1,0 +1,216 @@
+"""kernels.attention (flash_attention) against the reference, under DESIGN.md's 2x rule.
+
+On CPU the kernels run in Triton's interpreter, one program at a time: shapes stay small (B * H of
+2) but cover the awkward cases: T = 1, T not a multiple of any tile, several tiles with the causal
+diagonal crossing them, Tq != Tk, strided views.
+"""
+import importlib
+
+import pytest
+import torch
+from helpers import assert_close_2x, dtypes_for, forbid_launches
+
+from kernels import flash_attention, reference
+
+at_module = importlib.import_module("kernels.attention")
+ON_CUDA = torch.cuda.is_available()
+# bf16 is right in the interpreter too (its tiles are upcast to fp32 before tl.dot there).
+DTYPES = dtypes_for(torch.device("cuda" if ON_CUDA else "cpu"), bf16_in_interpreter=True)
+KERNELS = ("_attention_fwd_kernel", "_attention_bwd_delta_kernel", "_attention_bwd_dkdv_kernel",
+           "_attention_bwd_dq_kernel")
+
+
+def _qkv(B, H, Tq, Tk, D, dtype, device):
+    q = torch.randn(B, H, Tq, D, device=device).to(dtype)
+    k = torch.randn(B, H, Tk, D, device=device).to(dtype)
+    v = torch.randn(B, H, Tk, D, device=device).to(dtype)
+    return q, k, v
+
+
+def _run(fn, q, k, v, do, **kw):
+    """Forward and backward through fn; returns [out, dq, dk, dv]."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, **kw)
+    out.backward(do)
+    return [out, q.grad, k.grad, v.grad]
+
+
+def _check(q, k, v, do, **kw):
+    """Kernel vs PyTorch in q's dtype vs the float64 reference, for the output and all gradients."""
+    oracle = _run(reference.flash_attention, q.double(), k.double(), v.double(), do.double(), **kw)
+    baseline = _run(reference.flash_attention, q, k, v, do, **kw)
+    actual = _run(flash_attention, q, k, v, do, **kw)
+    for name, a, t, o in zip(("out", "dq", "dk", "dv"), actual, baseline, oracle):
+        assert_close_2x(a, t, o, name, slack=_zero_slack(o, q.shape[-1]))
+    return actual
+
+
+def _zero_slack(oracle, D):
+    """None (the rule's own slack) unless the exact result is all zeros: dq is, when every query
+    sees a single key (T = 1). The kernel gets that 0 as dp - delta, two fp32 dot products of the
+    same O(1) numbers summed in different orders, so allow their rounding: D units of fp32."""
+    return torch.finfo(torch.float32).eps * D if not oracle.any() else None
+
+
+def _check_shape(B, H, Tq, Tk, D, dtype, device, causal):
+    q, k, v = _qkv(B, H, Tq, Tk, D, dtype, device)
+    _check(q, k, v, torch.randn(B, H, Tq, D, device=device).to(dtype), causal=causal)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("T", [1, 17, 64, 130])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_grid_d32(T, dtype, causal, device):
+    _check_shape(1, 2, T, T, 32, dtype, device, causal)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T", [17, 64])
+def test_grid_d64(T, dtype, causal, device):
+    _check_shape(2, 1, T, T, 64, dtype, device, causal)
+
+
+@pytest.mark.parametrize("D", [16, 128])
+def test_other_head_dims(D, device):
+    _check_shape(1, 2, 33, 33, D, torch.float16, device, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,D", [(1000, 64), (1024, 64), (257, 128), (2048, 128)])
+def test_long_sequences_on_gpu(T, D, dtype, causal, device):
+    """The autotuned CUDA configs: several full tiles per program, both head dims GPT models use."""
+    _check_shape(2, 3, T, T, D, dtype, device, causal)
+
+
+def test_qkv_split_views(device):
+    """The model's layout: (B, T, 3C) -> split -> view(B, T, H, D) -> transpose(1, 2), read in place."""
+    B, T, H, D = 2, 20, 2, 32
+    qkv = torch.randn(B, T, 3 * H * D, device=device)
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
+    assert not q.is_contiguous() and q.stride(2) == 3 * H * D
+    _check(q, k, v, torch.randn(B, H, T, D, device=device), causal=True)
+
+
+def test_output_layout_and_strided_grad(device):
+    """The output is (B, T, H, D) memory seen as (B, H, T, D), and a broadcast (all-zero-stride)
+    output gradient works."""
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 9, 9, 16, torch.float32, device))
+    out = flash_attention(q, k, v)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.transpose(1, 2).is_contiguous()
+    out.sum().backward()
+    ref = _run(reference.flash_attention, q.double(), k.double(), v.double(),
+               torch.ones(1, 2, 9, 16, device=device, dtype=torch.float64))
+    for got, want in zip((out, q.grad, k.grad, v.grad), ref):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("Tq,Tk,causal", [(5, 35, True), (66, 67, True), (1, 40, True), (7, 23, False)],
+                         ids=["prefix", "one_more_key", "decode_step", "full"])
+def test_fewer_queries_than_keys(Tq, Tk, causal, device):
+    """Causal with Tq < Tk is aligned to the end: query i sees keys <= i + Tk - Tq (a KV cache)."""
+    q, k, v = _qkv(1, 2, Tq, Tk, 32, torch.float32, device)
+    _check(q, k, v, torch.randn(1, 2, Tq, 32, device=device), causal=causal)
+
+
+def test_more_queries_than_keys_causal(device):
+    """Tq > Tk, causal: the first Tq - Tk queries see no key: output 0, no gradient, no nan;
+    the others match the reference."""
+    Tq, Tk = 36, 5
+    q, k, v = _qkv(1, 2, Tq, Tk, 32, torch.float32, device)
+    do = torch.randn(1, 2, Tq, 32, device=device)
+    out, dq, dk, dv = _run(flash_attention, q, k, v, do, causal=True)
+    empty = slice(0, Tq - Tk)
+    assert torch.equal(out[:, :, empty], torch.zeros_like(out[:, :, empty]))
+    assert torch.equal(dq[:, :, empty], torch.zeros_like(dq[:, :, empty]))
+    seen = slice(Tq - Tk, Tq)  # those rows alone are an ordinary Tq == Tk causal problem
+    ref = _run(reference.flash_attention, q[:, :, seen].double(), k.double(), v.double(),
+               do[:, :, seen].double(), causal=True)
+    for got, want in zip((out[:, :, seen], dq[:, :, seen], dk, dv), ref):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_sm_scale(device):
+    q, k, v = _qkv(1, 2, 21, 21, 32, torch.float16, device)
+    _check(q, k, v, torch.randn(1, 2, 21, 32, device=device).half(), causal=True, sm_scale=0.3)
+
+
+def test_backward_is_deterministic(device):
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 70, 70, 32, torch.float16, device))
+    do = torch.randn(1, 2, 70, 32, device=device).half()
+    grads = []
+    for _ in range(3):
+        q.grad = k.grad = v.grad = None
+        flash_attention(q, k, v).backward(do)
+        grads.append([q.grad.clone(), k.grad.clone(), v.grad.clone()])
+    for later in grads[1:]:
+        for g0, g1 in zip(grads[0], later):
+            assert torch.equal(g0, g1)
+
+
+def test_inputs_are_not_modified(device):
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 1, 12, 12, 16, torch.float32, device))
+    before = [t.detach().clone() for t in (q, k, v)]
+    flash_attention(q, k, v).backward(torch.randn(1, 1, 12, 16, device=device))
+    for t, t0 in zip((q, k, v), before):
+        assert torch.equal(t.detach(), t0)
+
+
+def _bad_inputs(device):
+    q = torch.randn(1, 2, 8, 32, device=device)
+    return [
+        ("q", dict(q=q.double())),  # fp64 unsupported
+        ("k", dict(k=q.half())),  # mixed dtypes
+        ("q", dict(q=q[0])),  # wrong rank
+        ("q", dict(q=q[..., :24], k=q[..., :24], v=q[..., :24])),  # head dim 24
+        ("k", dict(k=q[..., :16])),  # head dims differ
+        ("k", dict(k=torch.randn(1, 3, 8, 32, device=device))),  # heads differ
+        ("v", dict(v=torch.randn(1, 2, 9, 32, device=device))),  # v's length is not k's
+        ("q", dict(q=q[:, :, :0])),  # no queries
+        ("causal", dict(causal=1)),
+        ("sm_scale", dict(sm_scale=float("nan"))),
+        ("q", dict(q=q.int())),
+        ("k", dict(k=[1.0])),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_inputs("cpu"))))
+def test_bad_inputs_raise_before_launch(case, device, monkeypatch):
+    forbid_launches(monkeypatch, at_module, *KERNELS)
+    name, change = _bad_inputs(device)[case]
+    q = torch.randn(1, 2, 8, 32, device=device)
+    kw = dict(q=q, k=q.clone(), v=q.clone(), causal=True, sm_scale=None)
+    kw.update(change)
+    with pytest.raises((TypeError, ValueError), match=name):
+        flash_attention(**kw)
+
+
+def test_wrong_device_raises(device):
+    if device.type == "cuda":
+        pytest.skip("CPU tensors are fine in the interpreter; this checks the CUDA/CPU mix on a GPU")
+    q = torch.randn(1, 1, 4, 16, device="meta")
+    with pytest.raises(ValueError, match="q is on meta"):
+        flash_attention(q, q, q)
+
+
+def test_torch_compile_fullgraph(device):
+    """The custom ops trace without a graph break; compiled forward and backward match eager."""
+    B, T, H, D = 1, 12, 2, 16
+
+    def attend(qkv):
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
+        return flash_attention(q, k, v).transpose(1, 2).reshape(B, T, H * D).square().sum()
+
+    qkv = torch.randn(B, T, 3 * H * D, device=device, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, fullgraph=True)
+    loss = compiled(qkv)
+    loss.backward()
+    grad = qkv.grad.clone()
+    qkv.grad = None
+    eager = attend(qkv)
+    eager.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, qkv.grad, rtol=1e-5, atol=1e-5)
