@@ -312,7 +312,9 @@ def _dropout_note(module):
 
 
 def _patch_mlp(module, act, forward, width):
-    kind = _gelu_kind(act) if act is not None else None
+    if act is None:
+        return False, "no single activation module between c_fc and c_proj"
+    kind = _gelu_kind(act)
     if kind is None:
         return False, f"activation {act!r} is not a GELU (the kernel fuses tanh or erf GELU only)"
     cls = _subclass(type(module), forward, gelu_approximate=kind)
@@ -390,6 +392,9 @@ def patch(model):
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if type(model).__module__ == "model.gpt":  # this project's GPT (kernels cannot import model/)
+        return PatchReport([Change("", type(model).__name__, False,
+                                   "this project's model already runs the kernels: choose them with GPTConfig.kernels")])
     changes = []
     for path, module in model.named_modules():
         found = _classify(module)

@@ -169,6 +169,15 @@ def test_patching_twice_changes_nothing_more(device):
         kernels.patch("gpt2")
 
 
+def test_the_projects_own_gpt_is_left_to_its_config():
+    from model import GPT, GPTConfig
+
+    model = GPT(GPTConfig.from_name("tiny"))
+    (change,) = kernels.patch(model).changes
+    assert not change.replaced and "GPTConfig.kernels" in change.how
+    assert type(model.transformer.h[0].mlp).__name__ == "MLP"
+
+
 # ---------------------------------------------------------------- a nanoGPT-style model
 
 class NanoLayerNorm(nn.Module):
