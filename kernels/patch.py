@@ -22,13 +22,12 @@ A recognised module gets a subclass of its own class whose forward calls the ker
 object, its parameters, buffers, hooks and state-dict keys stay exactly as they were, and
 isinstance checks still hold. Before swapping, patch runs the module's own forward and the kernel
 version's maths (kernels.reference ops) on a small float64 input on the CPU, in eval mode and,
-where the module has dropout, in training mode under one seed; if they differ (another
+where the module has dropout, in training mode under one seed, with random parameters; if they differ (another
 activation, another eps, another layout) the module is left alone and the report says so. Nothing
 else in the model changes. Limits: pickle the state dict, not the patched model (the subclasses
 are made at patch time); patching twice changes nothing more.
 """
 import dataclasses
-import itertools
 import sys
 
 import torch
@@ -217,6 +216,16 @@ def _f64_cpu(t):
     return t.double() if t.is_floating_point() else t
 
 
+def _probe_state(module):
+    """Random float64 parameters (not the module's own: at init a bias of zeros or a weight of ones
+    would hide a module that ignores them) and the module's buffers (a causal mask, say), on CPU."""
+    g = torch.Generator().manual_seed(1)
+    state = {n: _f64_cpu(t) for n, t in module.named_buffers()}  # a meta buffer fails here: left alone
+    for n, p in module.named_parameters():
+        state[n] = 0.5 * torch.randn(p.shape, dtype=torch.float64, generator=g) if p.is_floating_point() else _f64_cpu(p)
+    return state
+
+
 def _has_dropout(module):
     return any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules()) or _attention_dropout(module) > 0
 
@@ -254,10 +263,10 @@ def _run_as(module, cls, state, x, training):
 def _probe(module, cls, width):
     """None when module's own forward and cls's forward agree on a float64 probe (eval mode, and
     training mode under one seed where module has dropout), else why not."""
-    state = {n: _f64_cpu(t) for n, t in itertools.chain(module.named_parameters(), module.named_buffers())}
     modes = [False, True] if _has_dropout(module) else [False]
     flags = [(m, m.training) for m in module.modules()]
     try:
+        state = _probe_state(module)
         x = _probe_input(module, width)
         for training in modes:
             want = _run_as(module, type(module), state, x, training)
