@@ -161,7 +161,8 @@ def _from_transformers(module, class_name):
 
 
 def _is_patched(module):
-    return isinstance(module, knn.LayerNorm) or "_tritongpt_base" in type(module).__dict__
+    return (isinstance(module, (knn.LayerNorm, knn.GeluMLP, knn.CausalSelfAttention))
+            or "_tritongpt_base" in type(module).__dict__)
 
 
 def _gelu_kind(act):

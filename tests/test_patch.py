@@ -165,6 +165,8 @@ def test_patching_twice_changes_nothing_more(device):
     kernels.patch(model)
     again = kernels.patch(model)
     assert again.replaced == [] and all("already" in c.how for c in again)
+    built = nn.Sequential(kernels.nn.LayerNorm(32), kernels.nn.GeluMLP(32), kernels.nn.CausalSelfAttention(32, 2))
+    assert [c.how for c in kernels.patch(built)] == ["already runs the kernels"] * 3
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         kernels.patch("gpt2")
 
