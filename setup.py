@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0", "numpy", "tiktoken", "safetensors", "huggingface_hub"],
     extras_require={
-        # transformers is used only to write real Hugging Face checkpoints in the model tests.
+        # transformers is used only in tests: real Hugging Face checkpoints, and kernels.patch on its GPT-2.
         "test": ["pytest", "pytest-benchmark", "matplotlib", "transformers"],
         "bench": ["matplotlib", "pytest-benchmark"],
     },

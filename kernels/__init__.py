@@ -1,14 +1,19 @@
 """tritongpt kernels: fused Triton ops for GPT-2 training, each with a plain-PyTorch reference.
 
-    from kernels import layer_norm, flash_attention, cross_entropy, linear_cross_entropy   # Triton kernels
+    from kernels import layer_norm, flash_attention, gelu_mlp, cross_entropy, linear_cross_entropy
     from kernels import reference           # the plain-PyTorch definition of every op
+    kernels.patch(model)                    # swap the kernels into a transformers GPT-2 / nanoGPT model
+    from kernels import nn                  # LayerNorm, GeluMLP, CausalSelfAttention modules
 
-Kernels not exported here yet (gelu_mlp) exist only in `reference` for now; the
-model uses the reference for them.
+Every op is a torch.library custom op, so torch.compile(fullgraph=True) traces code that uses them.
 """
 from . import reference
 from .attention import flash_attention
 from .cross_entropy import cross_entropy, linear_cross_entropy
 from .layer_norm import layer_norm
+from .mlp import gelu_mlp
+from . import nn
+from .patch import PatchReport, patch
 
-__all__ = ["cross_entropy", "flash_attention", "layer_norm", "linear_cross_entropy", "reference"]
+__all__ = ["PatchReport", "cross_entropy", "flash_attention", "gelu_mlp", "layer_norm", "linear_cross_entropy",
+           "nn", "patch", "reference"]

@@ -80,3 +80,9 @@ def num_programs_for(device):
     if device.type == "cuda":
         return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 4
+
+
+def or_empty(t, like, dtype):
+    """t, or an empty tensor of `dtype` on like's device where t is None: a torch.library custom op
+    cannot return None, so an output that was not computed travels as an empty tensor."""
+    return t if t is not None else like.new_empty(0, dtype=dtype)

@@ -37,12 +37,13 @@ such a row gets a nan loss and a nan gradient row, so the error shows instead of
 answer (no host sync in forward or backward, as DESIGN.md asks).
 Limits: logits (N, V) and x (N, C) 2-D, any strides; row and element offsets are int64.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from ._utils import acc_dtype, acc_torch_dtype, check_device, check_tensor, needs_grad
+from ._utils import acc_dtype, acc_torch_dtype, check_device, check_tensor, needs_grad, or_empty
 
 # Largest (rows x V) logits chunk linear_cross_entropy materialises, in bytes of x's dtype.
 CHUNK_BYTES = 256 * 2**20
@@ -156,7 +157,9 @@ def _check_options(targets, N, ignore_index, reduction, label_smoothing):
 
 def _check_target_range(targets, V, ignore_index):
     """On CPU tensors (no device sync): ValueError for a target outside [0, V) that is not
-    ignore_index. CUDA targets are checked in the kernel instead (nan loss), see the docstring."""
+    ignore_index. CUDA targets are checked in the kernel instead (nan loss), see the docstring.
+    It reads the targets' values, so it runs inside the forward custom ops (before any launch),
+    out of torch.compile's sight."""
     if targets.device.type != "cpu":
         return
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
@@ -171,7 +174,6 @@ def _check_ce_inputs(logits, targets, ignore_index, reduction, label_smoothing):
         raise ValueError(f"logits must have shape (N, V) with V >= 1, got {tuple(logits.shape)}")
     _check_options(targets, logits.shape[0], ignore_index, reduction, label_smoothing)
     check_device({"logits": logits, "targets": targets})
-    _check_target_range(targets, logits.shape[1], ignore_index)
 
 
 def _check_linear_inputs(x, weight, targets, bias, ignore_index, reduction, label_smoothing):
@@ -192,7 +194,6 @@ def _check_linear_inputs(x, weight, targets, bias, ignore_index, reduction, labe
             raise TypeError(f"{name} must have x's dtype {x.dtype} (as F.linear requires), got {t.dtype}")
     _check_options(targets, x.shape[0], ignore_index, reduction, label_smoothing)
     check_device({"x": x, "weight": weight, "bias": bias, "targets": targets})
-    _check_target_range(targets, V, ignore_index)
 
 
 # ---------------------------------------------------------------- launchers
@@ -298,67 +299,147 @@ def _linear_ce_chunks(x, weight, bias, targets, ignore_index, smoothing, need, s
     return loss, stats, dx, dw, db
 
 
-# ---------------------------------------------------------------- autograd
+# ---------------------------------------------------------------- custom ops and autograd
+# torch.library custom ops, so torch.compile(fullgraph=True) traces through them as opaque calls.
+# Their outputs cannot be None: what is not computed comes back as an empty tensor.
 
-class CrossEntropyFn(torch.autograd.Function):
-    """Per-row losses of (N, V) logits; the reduction is left to torch ops outside."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, ignore_index, label_smoothing):
-        loss, stats = _cross_entropy_fwd(logits, targets, ignore_index, label_smoothing, store_stats=True)
-        ctx.save_for_backward(logits, targets, stats)
-        ctx.options = (ignore_index, label_smoothing)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dloss):
-        logits, targets, stats = ctx.saved_tensors
-        grad = _cross_entropy_bwd(logits, targets, stats, dloss, *ctx.options)
-        return grad, None, None, None
+@torch.library.custom_op("tritongpt::cross_entropy_fwd", mutates_args=())
+def _cross_entropy_fwd_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, smoothing: float,
+                          store_stats: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row losses of (N, V) logits (the reduction is left to torch ops outside) and, when
+    store_stats, the softmax statistics the backward needs."""
+    _check_target_range(targets, logits.shape[1], ignore_index)
+    loss, stats = _cross_entropy_fwd(logits, targets, ignore_index, smoothing, store_stats)
+    return loss, or_empty(stats, logits, loss.dtype)
 
 
-class LinearCrossEntropyFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, targets, ignore_index, reduction, label_smoothing):
-        need = ctx.needs_input_grad[:3]
-        ctx.options = (ignore_index, label_smoothing)
-        ctx.reduction = reduction
+@_cross_entropy_fwd_op.register_fake
+def _(logits, targets, ignore_index, smoothing, store_stats):
+    N = logits.shape[0]
+    loss = logits.new_empty(N, dtype=acc_torch_dtype(logits.dtype))
+    return loss, loss.new_empty((N, 2) if store_stats else (0,))
+
+
+@torch.library.custom_op("tritongpt::cross_entropy_bwd", mutates_args=())
+def _cross_entropy_bwd_op(dloss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor,
+                          ignore_index: int, smoothing: float) -> torch.Tensor:
+    return _cross_entropy_bwd(logits, targets, stats, dloss, ignore_index, smoothing)
+
+
+@_cross_entropy_bwd_op.register_fake
+def _(dloss, logits, targets, stats, ignore_index, smoothing):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _cross_entropy_setup(ctx, inputs, output):
+    logits, targets, ignore_index, smoothing, _store_stats = inputs
+    ctx.save_for_backward(logits, targets, output[1])
+    ctx.options = (ignore_index, smoothing)
+    ctx.set_materialize_grads(False)  # the statistics get no gradient; build no zeros for them
+
+
+def _cross_entropy_backward(ctx, dloss, _dstats):
+    if dloss is None:
+        return None, None, None, None, None
+    logits, targets, stats = ctx.saved_tensors
+    return _cross_entropy_bwd_op(dloss, logits, targets, stats, *ctx.options), None, None, None, None
+
+
+_cross_entropy_fwd_op.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup)
+
+
+def _upstream_scale(targets, ignore_index, reduction, N, acc):
+    """The gradient of the reduced loss with respect to each row's loss: 1 ("sum") or 1 / count
+    ("mean"; inf when every row is ignored, whose gradients are 0 anyway), and the count."""
+    if reduction == "mean":
+        count = (targets != ignore_index).sum()
+        return (1.0 / count.to(acc)).expand(N), count
+    return torch.ones((), dtype=acc, device=targets.device).expand(N), None
+
+
+@torch.library.custom_op("tritongpt::linear_cross_entropy_fwd", mutates_args=())
+def _linear_ce_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+                      ignore_index: int, reduction: str, smoothing: float, need_dx: bool, need_dw: bool,
+                      need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, stats, dx, dw, db). With "none": per-row losses and the statistics the backward uses
+    to recompute the logits. With "mean"/"sum": the reduced loss and the gradients for an upstream
+    gradient of 1 (those not needed empty)."""
+    _check_target_range(targets, weight.shape[0], ignore_index)
+    acc = acc_torch_dtype(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):  # our matmuls run in exactly x's dtype
         if reduction == "none":  # gradients wait for the per-row upstream gradient
-            loss, stats, *_ = _linear_ce_chunks(x, weight, bias, targets, ignore_index,
-                                                label_smoothing, (False, False, False))
-            ctx.save_for_backward(x, weight, bias, targets, stats)
-            return loss
-        acc = acc_torch_dtype(x.dtype)
-        if reduction == "mean":
-            count = (targets != ignore_index).sum()
-            scale = (1.0 / count.to(acc)).expand(x.shape[0])  # inf when all ignored; those rows get 0
-        else:
-            scale = torch.ones((), dtype=acc, device=x.device).expand(x.shape[0])
-        loss, _, dx, dw, db = _linear_ce_chunks(x, weight, bias, targets, ignore_index,
-                                                label_smoothing, need, scale=scale)
-        ctx.save_for_backward(dx, dw, db)
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        return loss.sum() if reduction == "sum" else loss.sum() / count
+            loss, stats, *_ = _linear_ce_chunks(x, weight, bias, targets, ignore_index, smoothing,
+                                                (False, False, False))
+            return loss, stats, x.new_empty(0), x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
+        scale, count = _upstream_scale(targets, ignore_index, reduction, x.shape[0], acc)
+        loss, _, dx, dw, db = _linear_ce_chunks(x, weight, bias, targets, ignore_index, smoothing,
+                                                (need_dx, need_dw, need_db), scale=scale)
+    loss = loss.sum() if count is None else loss.sum() / count
+    return loss, loss.new_empty(0), or_empty(dx, x, x.dtype), or_empty(dw, x, acc), or_empty(db, x, acc)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dloss):
-        if ctx.reduction == "none":
-            x, weight, bias, targets, stats = ctx.saved_tensors
-            _, _, dx, dw, db = _linear_ce_chunks(x, weight, bias, targets, *ctx.options,
-                                                 ctx.needs_input_grad[:3], scale=dloss, stats=stats)
-            dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        else:
-            dx, dw, db = ctx.saved_tensors
-            # out of place: the saved gradients stay valid for a second backward (retain_graph)
-            dx = None if dx is None else dx * dloss.to(dx.dtype)
-            dw = None if dw is None else dw * dloss
-            db = None if db is None else db * dloss
-            dtypes = ctx.dtypes
-        dw = None if dw is None else dw.to(dtypes[0])
-        db = None if db is None else db.to(dtypes[1])
-        return dx, dw, db, None, None, None, None
+
+@_linear_ce_fwd_op.register_fake
+def _(x, weight, bias, targets, ignore_index, reduction, smoothing, need_dx, need_dw, need_db):
+    (N, C), V = x.shape, weight.shape[0]
+    acc = acc_torch_dtype(x.dtype)
+    grads = reduction != "none"
+    return (x.new_empty(N if reduction == "none" else (), dtype=acc),
+            x.new_empty((N, 2) if reduction == "none" else (0,), dtype=acc),
+            x.new_empty((N, C) if grads and need_dx else (0,)),
+            x.new_empty((V, C) if grads and need_dw else (0,), dtype=acc),
+            x.new_empty(V if grads and need_db else 0, dtype=acc))
+
+
+@torch.library.custom_op("tritongpt::linear_cross_entropy_bwd", mutates_args=())
+def _linear_ce_bwd_op(dloss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      targets: torch.Tensor, stats: torch.Tensor, ignore_index: int, smoothing: float,
+                      need_dx: bool, need_dw: bool,
+                      need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """reduction "none": recompute each chunk's logits and write the gradients for the per-row
+    upstream gradient dloss (dw, db in fp32)."""
+    acc = acc_torch_dtype(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        _, _, dx, dw, db = _linear_ce_chunks(x, weight, bias, targets, ignore_index, smoothing,
+                                             (need_dx, need_dw, need_db), scale=dloss, stats=stats)
+    return or_empty(dx, x, x.dtype), or_empty(dw, x, acc), or_empty(db, x, acc)
+
+
+@_linear_ce_bwd_op.register_fake
+def _(dloss, x, weight, bias, targets, stats, ignore_index, smoothing, need_dx, need_dw, need_db):
+    acc = acc_torch_dtype(x.dtype)
+    return (x.new_empty(x.shape if need_dx else (0,)), x.new_empty(weight.shape if need_dw else (0,), dtype=acc),
+            x.new_empty(weight.shape[0] if need_db else 0, dtype=acc))
+
+
+def _linear_ce_setup(ctx, inputs, output):
+    x, weight, bias, targets, ignore_index, reduction, smoothing, *need = inputs
+    _loss, stats, dx, dw, db = output
+    ctx.reduction, ctx.options, ctx.need = reduction, (ignore_index, smoothing), need
+    ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+    if reduction == "none":
+        ctx.save_for_backward(x, weight, bias, targets, stats)
+    else:  # the gradients were computed in the forward; the backward only scales them
+        ctx.save_for_backward(dx, dw, db)
+    ctx.set_materialize_grads(False)
+
+
+def _linear_ce_backward(ctx, dloss, *_unused):
+    if dloss is None:
+        return (None,) * 10
+    need_dx, need_dw, need_db = ctx.need
+    if ctx.reduction == "none":
+        x, weight, bias, targets, stats = ctx.saved_tensors
+        dx, dw, db = _linear_ce_bwd_op(dloss, x, weight, bias, targets, stats, *ctx.options, *ctx.need)
+    else:
+        dx, dw, db = ctx.saved_tensors
+        # out of place: the saved gradients stay valid for a second backward (retain_graph)
+        dx, dw, db = dx * dloss.to(dx.dtype), dw * dloss, db * dloss
+    w_dtype, b_dtype = ctx.dtypes
+    return (dx if need_dx else None, dw.to(w_dtype) if need_dw else None, db.to(b_dtype) if need_db else None,
+            *(None,) * 7)
+
+
+_linear_ce_fwd_op.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup)
 
 
 # ---------------------------------------------------------------- public functions
@@ -371,14 +452,12 @@ def cross_entropy(logits, targets, ignore_index=-100, reduction="mean", label_sm
     reduction: "mean" (over the rows not ignored; nan when all are), "sum" or "none" (one loss
     per row). label_smoothing in [0, 1], PyTorch's semantics. Returns an fp32 loss (fp64 for fp64
     logits); the gradient has the logits' dtype and is recomputed in the backward from the saved
-    softmax statistics. Differs from PyTorch: on CUDA a target outside [0, V) that is not ignore_index
-    gives a nan loss instead of a device assert (CPU tensors raise ValueError, as PyTorch).
+    softmax statistics. A torch.library custom op (tritongpt::cross_entropy_fwd/_bwd).
+    Differs from PyTorch: on CUDA a target outside [0, V) that is not ignore_index gives a nan
+    loss instead of a device assert (CPU tensors raise ValueError, as PyTorch).
     """
     _check_ce_inputs(logits, targets, ignore_index, reduction, label_smoothing)
-    if needs_grad(logits):
-        loss = CrossEntropyFn.apply(logits, targets, ignore_index, label_smoothing)
-    else:
-        loss = _cross_entropy_fwd(logits, targets, ignore_index, label_smoothing, store_stats=False)[0]
+    loss = _cross_entropy_fwd_op(logits, targets, ignore_index, float(label_smoothing), needs_grad(logits))[0]
     return _reduce(loss, targets, ignore_index, reduction)
 
 
@@ -393,17 +472,12 @@ def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, reduc
     requires grad) and scaled in the backward; with "none" the backward recomputes the logits.
     Gradients come back in the inputs' dtypes; dW and db are summed over chunks in fp32.
     Under torch.autocast, x, weight and bias are cast to the autocast dtype first, as F.linear
-    would cast them.
+    would cast them. A torch.library custom op (tritongpt::linear_cross_entropy_fwd/_bwd).
     """
     _check_linear_inputs(x, weight, targets, bias, ignore_index, reduction, label_smoothing)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):  # what F.linear would do: the matmuls in the low dtype
         low = torch.get_autocast_dtype(device_type)
         x, weight, bias = (None if t is None else t.to(low) for t in (x, weight, bias))
-    with torch.autocast(device_type, enabled=False):  # our matmuls run in exactly x's dtype
-        if needs_grad(x, weight, bias):
-            return LinearCrossEntropyFn.apply(x, weight, bias, targets, ignore_index, reduction,
-                                              label_smoothing)
-        loss = _linear_ce_chunks(x, weight, bias, targets, ignore_index, label_smoothing,
-                                 (False, False, False))[0]
-        return _reduce(loss, targets, ignore_index, reduction)
+    need = (needs_grad(x), needs_grad(weight), needs_grad(bias))
+    return _linear_ce_fwd_op(x, weight, bias, targets, ignore_index, reduction, float(label_smoothing), *need)[0]

@@ -12,13 +12,14 @@ Limits: C <= 16384 (a row must fit in one program's registers); fp16, bf16, fp32
 computes in fp32 and returns x's dtype (CUDA autocast would run PyTorch's layer_norm in fp32 and
 return fp32; CPU autocast keeps x's dtype, as here).
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from ._utils import (FLOAT_DTYPES, acc_dtype, acc_torch_dtype, check_device, check_tensor, needs_grad,
-                     num_programs_for)
+                     num_programs_for, or_empty)
 
 MAX_C = 16384
 
@@ -134,13 +135,13 @@ def _check_inputs(x, weight, bias, eps):
 
 
 def _layer_norm_fwd(x, weight, bias, eps, store_stats):
-    """Returns y (x's shape and dtype) and, when store_stats, mean and rstd (one per row, fp32)."""
-    _check_inputs(x, weight, bias, eps)
+    """Returns y (x's shape and dtype) and, when store_stats, mean and rstd (one per row, fp32).
+    Inputs are already validated (by the public function)."""
     C = x.shape[-1]
     x2 = x.reshape(-1, C)  # a view whenever x's layout allows; the kernel takes both strides
     M = x2.shape[0]
     stat_dtype = acc_torch_dtype(x.dtype)
-    y = torch.empty((M, C), dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     mean = rstd = None
     if store_stats:
         mean = torch.empty(M, dtype=stat_dtype, device=x.device)
@@ -149,12 +150,12 @@ def _layer_norm_fwd(x, weight, bias, eps, store_stats):
         block_m, block_c, num_warps = _block_sizes(C)
         _layer_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
             x2, weight, bias, y, mean, rstd,
-            x2.stride(0), x2.stride(1), y.stride(0),
+            x2.stride(0), x2.stride(1), C,
             M, C, float(eps),
             HAS_W=weight is not None, HAS_B=bias is not None, STORE_STATS=store_stats,
             ACC=acc_dtype(x.dtype), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
         )
-    return y.view(x.shape), mean, rstd
+    return y, mean, rstd
 
 
 def _layer_norm_bwd(dy, x, weight, mean, rstd, need_dx, need_dw, need_db):
@@ -169,7 +170,7 @@ def _layer_norm_bwd(dy, x, weight, mean, rstd, need_dx, need_dw, need_db):
     programs = max(1, min(tiles, 2 * num_programs_for(x.device)))
     rows_per_prog = triton.cdiv(tiles, programs) * block_m
     programs = triton.cdiv(M, rows_per_prog) if M > 0 else 1
-    dx = torch.empty((M, C), dtype=x.dtype, device=x.device) if need_dx else None
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else None
     partial = acc_torch_dtype(x.dtype)
     dw_part = torch.zeros((programs, C), dtype=partial, device=x.device) if need_dw else None
     db_part = torch.zeros((programs, C), dtype=partial, device=x.device) if need_db else None
@@ -183,26 +184,65 @@ def _layer_norm_bwd(dy, x, weight, mean, rstd, need_dx, need_dw, need_db):
         )
     dw = dw_part.sum(0) if need_dw else None
     db = db_part.sum(0) if need_db else None
-    return (dx.view(x.shape) if need_dx else None), dw, db
+    return dx, dw, db
 
 
-class LayerNormFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        y, mean, rstd = _layer_norm_fwd(x, weight, bias, eps, store_stats=True)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y
+# ---------------------------------------------------------------- custom ops and autograd
+# torch.library custom ops, so torch.compile(fullgraph=True) traces through them as opaque calls.
+# Their outputs cannot be None: a statistic or gradient that is not computed comes back as an
+# empty tensor.
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        dx, dw, db = _layer_norm_bwd(dy, x, weight, mean, rstd, need_dx, need_dw, need_db)
-        dw = dw.to(weight.dtype) if dw is not None else None
-        db = db.to(ctx.bias_dtype) if db is not None else None
-        return dx, dw, db, None
+@torch.library.custom_op("tritongpt::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                       eps: float, store_stats: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, mean, rstd = _layer_norm_fwd(x, weight, bias, eps, store_stats)
+    return y, or_empty(mean, x, acc_torch_dtype(x.dtype)), or_empty(rstd, x, acc_torch_dtype(x.dtype))
+
+
+@_layer_norm_fwd_op.register_fake
+def _(x, weight, bias, eps, store_stats):
+    stats = x.new_empty(x.shape[:-1].numel() if store_stats else 0, dtype=acc_torch_dtype(x.dtype))
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("tritongpt::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
+                       rstd: torch.Tensor, need_dx: bool, need_dw: bool,
+                       need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw, db = _layer_norm_bwd(dy, x, weight, mean, rstd, need_dx, need_dw, need_db)
+    acc = acc_torch_dtype(x.dtype)
+    return or_empty(dx, x, x.dtype), or_empty(dw, x, acc), or_empty(db, x, acc)
+
+
+@_layer_norm_bwd_op.register_fake
+def _(dy, x, weight, mean, rstd, need_dx, need_dw, need_db):
+    acc = acc_torch_dtype(x.dtype)
+    C = x.shape[-1]
+    return (torch.empty(x.shape if need_dx else (0,), dtype=x.dtype, device=x.device),
+            x.new_empty(C if need_dw else 0, dtype=acc), x.new_empty(C if need_db else 0, dtype=acc))
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, bias, _eps, _store_stats = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+    ctx.set_materialize_grads(False)  # mean and rstd get no gradient; do not build zeros for them
+
+
+def _layer_norm_backward(ctx, dy, _dmean, _drstd):
+    if dy is None:  # y's gradient is undefined (not materialised): so are the inputs'
+        return None, None, None, None, None
+    x, weight, mean, rstd = ctx.saved_tensors
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    dx, dw, db = _layer_norm_bwd_op(dy, x, weight, mean, rstd, need_dx, need_dw, need_db)
+    w_dtype, b_dtype = ctx.param_dtypes
+    # dw and db are fp32 sums; they come back in the parameters' own dtypes
+    return (dx if need_dx else None, dw.to(w_dtype) if need_dw else None,
+            db.to(b_dtype) if need_db else None, None, None)
+
+
+_layer_norm_fwd_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5):
@@ -213,8 +253,8 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     weight, bias: (C,) or None, any float dtype. The output has x's shape and dtype; statistics
     and parameter-gradient sums are fp32. Differentiable in x, weight and bias (first order only);
     when none of them needs a gradient nothing is saved and mean/rstd are not written.
+    A torch.library custom op (tritongpt::layer_norm_fwd/_bwd): torch.compile traces it whole.
     Differs from PyTorch under CUDA autocast only: the result keeps x's dtype instead of fp32.
     """
-    if needs_grad(x, weight, bias):
-        return LayerNormFn.apply(x, weight, bias, eps)
-    return _layer_norm_fwd(x, weight, bias, eps, store_stats=False)[0]
+    _check_inputs(x, weight, bias, eps)
+    return _layer_norm_fwd_op(x, weight, bias, float(eps), needs_grad(x, weight, bias))[0]

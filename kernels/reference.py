@@ -27,9 +27,11 @@ def flash_attention(q, k, v, causal=True, sm_scale=None):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=sm_scale)
 
 
-def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
-    """GPT-2's MLP: Linear -> tanh GELU -> Linear, weights in nn.Linear layout (out, in)."""
-    h = F.gelu(F.linear(x, fc_weight, fc_bias), approximate="tanh")
+def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, approximate="tanh"):
+    """GPT-2's MLP: Linear -> GELU -> Linear, weights in nn.Linear layout (out, in).
+
+    approximate: "tanh" (GPT-2's GELU) or "none" (the exact erf form), as F.gelu's keyword."""
+    h = F.gelu(F.linear(x, fc_weight, fc_bias), approximate=approximate)
     return F.linear(h, proj_weight, proj_bias)
 
 

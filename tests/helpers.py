@@ -59,3 +59,41 @@ def forbid_launches(monkeypatch, module, *kernel_names):
             raise AssertionError("a kernel was launched before the input check")
     for name in kernel_names:
         monkeypatch.setattr(module, name, Forbidden())
+
+
+_can_compile = None
+
+
+def compile_fullgraph(fn, backend="inductor"):
+    """torch.compile(fn, fullgraph=True), or skip the test where this machine cannot compile at all
+    (no C++ compiler for inductor, say). The check compiles a trivial function once, so a graph
+    break or an error in fn itself still fails the test. backend="aot_eager" traces the same
+    graph (dynamo, fake tensors, autograd) without generating code: quicker, and needs no check."""
+    import pytest
+
+    global _can_compile
+    if backend != "inductor":
+        return torch.compile(fn, fullgraph=True, backend=backend)
+    if _can_compile is None:
+        try:
+            torch.compile(lambda t: t * 2 + 1, fullgraph=True)(torch.ones(3))
+            _can_compile = ""
+        except Exception as e:  # noqa: BLE001 (any failure means: no compiler here)
+            _can_compile = f"{type(e).__name__}: {e}".splitlines()[0]
+    if _can_compile:
+        pytest.skip(f"torch.compile does not work on this machine ({_can_compile})")
+    return torch.compile(fn, fullgraph=True)
+
+
+def assert_compiled_matches_eager(fn, inputs, rtol=1e-6, atol=1e-6):
+    """fn(*inputs) -> a scalar loss. Compiles fn (fullgraph: a graph break fails) and checks the
+    loss and the gradient of every input against eager (skips where nothing can compile)."""
+    compiled_fn = compile_fullgraph(fn)
+    eager = [t.detach().clone().requires_grad_() for t in inputs]
+    compiled = [t.detach().clone().requires_grad_() for t in inputs]
+    want, got = fn(*eager), compiled_fn(*compiled)
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=rtol, atol=0)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol)

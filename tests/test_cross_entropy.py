@@ -4,7 +4,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_2x, dtypes_for, forbid_launches
+from helpers import assert_close_2x, assert_compiled_matches_eager, dtypes_for, forbid_launches
 
 from kernels import cross_entropy, linear_cross_entropy, reference
 
@@ -291,6 +291,19 @@ def test_linear_under_autocast_casts_like_f_linear(device):
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     loss.backward()
     assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+
+
+def test_torch_compile_fullgraph(device):
+    """Both ops trace whole (no graph break: the CPU target check runs inside the op) and compiled
+    forward and backward match eager."""
+    x, w, _ = _linear_inputs(7, 16, 50, torch.float32, device, bias=False)
+    targets = _targets(7, 50, device)
+
+    def loss(x, w):
+        return (cross_entropy(x @ w.t(), targets, label_smoothing=0.1)
+                + linear_cross_entropy(x, w, targets, reduction="none").sum())
+
+    assert_compiled_matches_eager(loss, (x, w))
 
 
 # ---------------------------------------------------------------- bad input

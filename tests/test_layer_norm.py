@@ -3,7 +3,7 @@ import importlib
 
 import pytest
 import torch
-from helpers import assert_close_2x, dtypes_for, forbid_launches
+from helpers import assert_close_2x, assert_compiled_matches_eager, dtypes_for, forbid_launches
 
 from kernels import layer_norm, reference
 
@@ -178,6 +178,14 @@ def test_autocast_keeps_input_dtype(device):
     assert y.dtype == torch.float32 and y_half.dtype == fast
     torch.testing.assert_close(y, layer_norm(x, w, b), rtol=0, atol=0)
     torch.testing.assert_close(y_half, layer_norm(x.to(fast), w, b), rtol=0, atol=0)
+
+
+def test_torch_compile_fullgraph(device):
+    """The custom ops trace whole (no graph break) and compiled forward and backward match eager."""
+    def loss(x, w, b):
+        return (layer_norm(x * 2, w, b) ** 2).sum()
+
+    assert_compiled_matches_eager(loss, _inputs((6, 40), torch.float32, device))
 
 
 @pytest.fixture

@@ -1,0 +1,417 @@
+"""GPT-2's MLP, Linear -> GELU -> Linear, as Triton matmuls with the GELU and biases in their epilogues.
+
+Forward: h = x W1^T + b1 and g = gelu(h) come out of one matmul (the bias and the GELU are applied
+to the fp32 accumulator before the single store), then y = g W2^T + b2. Backward: one matmul
+computes dg = dy W2 and multiplies it by gelu'(h) in its epilogue, so the 4C-wide dh is written
+once and no elementwise pass over the activation exists; the same epilogue writes per-program fp32
+column sums of dh (db1's partials, summed by one torch sum: deterministic, no atomics). Then
+dx = dh W1, dW1 = dh^T x, dW2 = dy^T g with the same matmul kernel, and db2 = dy summed over rows
+in fp32 by torch (a C-wide pass, not a 4C one). Weight gradients at GPT-2 shapes have few output
+tiles (768 x 3072: 72 to 144 tiles for 132 SMs) and a long K (the rows), so they split K over
+programs that write fp32 partials, summed by torch, again deterministic.
+
+Matmuls: tiles of BLOCK_M x BLOCK_N with fp32 accumulation (fp64 for fp64 inputs) over BLOCK_K
+steps, programs in grouped order (GROUP_M row tiles share a column band, for L2 reuse), a short
+autotune list for H100 (a single small config in the interpreter). Operands are read through
+strides, so transposed weights and non-contiguous x need no copies.
+
+Saved for backward: the pre-activation h and the activation g (both M x H in x's dtype), as
+PyTorch eager saves them. Why save h rather than recompute it (decided by reasoning, GPU
+measurement owed): at GPT-2 124M (M = 16384, C = 768, H = 3072, bf16) storing h costs one extra
+100 MB write in the forward and a 100 MB read in the backward, about 0.07 ms at 3 TB/s, while
+recomputing it is a whole extra matmul of 2*M*C*H = 77 GFLOP, about 0.13 ms at 600 TFLOP/s, plus
+re-reading x and W1. g is needed by dW2 and exists anyway (it is the second matmul's input).
+
+The GELU: "tanh" (GPT-2's, default) g = h * sigmoid(2u), u = sqrt(2/pi) (h + 0.044715 h^3), which
+equals 0.5 h (1 + tanh(u)); "none" the exact g = h * Phi(h) with erf, as F.gelu's `approximate`.
+
+fp32 inputs: the dots use true fp32 ("ieee") unless torch.backends.cuda.matmul.allow_tf32 is set,
+then TF32, following what PyTorch's own fp32 matmul does. bf16 in Triton's interpreter: tl.dot
+there multiplies bf16 bit patterns, so the tiles are converted to fp32 before the dot there.
+Limits: x (..., C) with any C, hidden size and row count (edges masked); all five tensors one
+dtype (as F.linear requires); row offsets in int64.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import acc_dtype, acc_torch_dtype, check_device, check_tensor, interpreting, needs_grad, \
+    num_programs_for
+
+APPROXIMATIONS = ("tanh", "none")
+# Split K only when each split gets at least this many rows, and at most MAX_SPLIT ways.
+MIN_K_PER_SPLIT = 1024
+MAX_SPLIT = 8
+
+
+def autotune_configs():
+    """The autotune list as dicts: H100-pruned on GPU, one small config in the interpreter."""
+    if interpreting():
+        return [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=1)]
+    return [
+        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+    ]
+
+
+def _triton_configs():
+    return [triton.Config({k: c[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")},
+                          num_warps=c["num_warps"], num_stages=c["num_stages"])
+            for c in autotune_configs()]
+
+
+# ---------------------------------------------------------------- GELU and its derivative
+
+@triton.jit
+def _gelu(h, APPROX_TANH: tl.constexpr):
+    if APPROX_TANH:
+        # 0.5 h (1 + tanh(u)) = h * sigmoid(2u); exp overflow gives p = 0 or 1, never nan
+        u2 = 1.5957691216057308 * (h + 0.044715 * h * h * h)
+        return h / (1.0 + tl.exp(-u2))
+    return 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_grad(h, APPROX_TANH: tl.constexpr):
+    if APPROX_TANH:
+        # d/dh [h p], p = sigmoid(2u): p + h p (1 - p) 2u',  2u' = 2 sqrt(2/pi) (1 + 3 * 0.044715 h^2)
+        u2 = 1.5957691216057308 * (h + 0.044715 * h * h * h)
+        p = 1.0 / (1.0 + tl.exp(-u2))
+        return p + h * p * (1.0 - p) * 1.5957691216057308 * (1.0 + 0.134145 * h * h)
+    # Phi(h) + h phi(h)
+    cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    return cdf + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
+
+
+# ---------------------------------------------------------------- the matmul main loop
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) in grouped order: GROUP_M row tiles walk one column band together."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _matmul_tile(A, B, M, N, k_start, k_end, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
+                 ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc[BLOCK_M, BLOCK_N] = A[rows, k_start:k_end] @ B[k_start:k_end, cols] in ACC.
+
+    Rows and columns past M, N wrap around (modulo) instead of being masked: their results are
+    never stored, and the loads stay unmasked along M and N. K is masked.
+    """
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    offs_k = tl.arange(0, BLOCK_K)
+    k0 = tl.cast(k_start, tl.int64)  # k can be a row index (weight gradients): k * stride passes 2**31
+    a_ptrs = A + offs_m.to(tl.int64)[:, None] * stride_am + (k0 + offs_k[None, :]) * stride_ak
+    b_ptrs = B + (k0 + offs_k[:, None]) * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k in range(k_start, k_end, BLOCK_K):
+        k_left = k_end - k
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if UPCAST:  # the interpreter's tl.dot is wrong on bf16: compute in fp32 there
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+# Out = A @ B (+ bias), optionally gelu'd, for the forward's two matmuls and the backward's dx and
+# weight gradients. With GELU, Pre receives the pre-activation (when STORE_PRE). Program
+# (tile, s) of a split-K launch covers K rows [s * K_PER_SPLIT, (s + 1) * K_PER_SPLIT) and writes
+# slice s of Out (fp32 partials, summed by the launcher).
+@triton.jit
+def _mlp_fwd_kernel(
+    A, B, Bias, Out, Pre,
+    M, N, K, K_PER_SPLIT,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_os,
+    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_PRE: tl.constexpr, APPROX_TANH: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    split = tl.program_id(1)
+    k_start = split * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    acc = _matmul_tile(A, B, M, N, k_start, k_end, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
+                       ACC, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(Bias + cols, mask=cols < N, other=0.0).to(ACC)[None, :]
+    offs = split.to(tl.int64) * stride_os + rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
+    if GELU:
+        if STORE_PRE:
+            tl.store(Pre + offs, acc.to(Pre.dtype.element_ty), mask=mask)
+        acc = _gelu(acc, APPROX_TANH)
+    tl.store(Out + offs, acc.to(Out.dtype.element_ty), mask=mask)
+
+
+# With h the pre-activation and g = gelu(h): dg = dy @ W2, and dh = dg * gelu'(h) is written here
+# (gelu' applied to the fp32 accumulator, h read in the epilogue). db1 = sum over rows of dh:
+# program (pid_m, pid_n) writes its tile's fp32 column sums to row pid_m of DBp.
+@triton.jit
+def _mlp_bwd_kernel(
+    DY, W2, Pre, DPre, DBp,
+    M, N, K,
+    stride_dym, stride_dyk, stride_wk, stride_wn, stride_pm, stride_pn,
+    NEED_DB: tl.constexpr, APPROX_TANH: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _matmul_tile(DY, W2, M, N, 0, K, stride_dym, stride_dyk, stride_wk, stride_wn, pid_m, pid_n,
+                       ACC, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    offs = rows.to(tl.int64)[:, None] * stride_pm + cols[None, :] * stride_pn
+    h = tl.load(Pre + offs, mask=mask, other=0.0).to(ACC)
+    dh = acc * _gelu_grad(h, APPROX_TANH)
+    tl.store(DPre + offs, dh.to(DPre.dtype.element_ty), mask=mask)
+    if NEED_DB:
+        tl.store(DBp + pid_m * N + cols, tl.sum(tl.where(mask, dh, 0.0), axis=0), mask=cols < N)
+
+
+_mlp_fwd_tuned = triton.autotune(configs=_triton_configs(), key=["M", "N", "K", "GELU", "STORE_PRE"])(
+    _mlp_fwd_kernel)
+# reset_to_zero: configs of different BLOCK_M fill different rows of DBp; rows a benchmarked config
+# wrote and the chosen one does not would otherwise enter the sum
+_mlp_bwd_tuned = triton.autotune(configs=_triton_configs(), key=["M", "N", "K", "NEED_DB"],
+                                 reset_to_zero=["DBp"])(_mlp_bwd_kernel)
+
+
+# ---------------------------------------------------------------- launchers
+
+def _dot_options(dtype, device):
+    """(ACC, DOT_PRECISION, UPCAST) constexprs for inputs of `dtype`."""
+    tf32 = dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    precision = "ieee" if dtype in (torch.float32, torch.float64) and not tf32 else "tf32"
+    upcast = dtype == torch.bfloat16 and interpreting()
+    return dict(ACC=acc_dtype(dtype), DOT_PRECISION=precision, UPCAST=upcast)
+
+
+def _grid(M, N, splits=1):
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), splits)
+
+
+def _split_k(M, N, K, device):
+    """How many ways to split K: enough programs for two per SM at 128 x 128 tiles, each split at
+    least MIN_K_PER_SPLIT long. Returns (splits, K per split)."""
+    tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
+    splits = min(MAX_SPLIT, triton.cdiv(2 * num_programs_for(device), tiles), K // MIN_K_PER_SPLIT)
+    if splits <= 1:
+        return 1, K
+    align = max(c["BLOCK_K"] for c in autotune_configs())  # a split is whole BLOCK_K steps
+    per_split = triton.cdiv(triton.cdiv(K, splits), align) * align
+    return triton.cdiv(K, per_split), per_split
+
+
+def _matmul(a, b, bias=None, gelu=None, store_pre=False, split_ok=False):
+    """a (M, K) @ b (K, N) (+ bias) -> (M, N) in a's dtype, any strides; with gelu ("tanh" or "none")
+    returns (gelu(out), out) where out is the pre-activation (None unless store_pre).
+    split_ok: K may be split over programs (fp32 partials summed here; for weight gradients)."""
+    M, K = a.shape
+    N = b.shape[1]
+    pre = torch.empty((M, N), dtype=a.dtype, device=a.device) if store_pre else None
+    if M == 0 or N == 0 or K == 0:  # nothing to multiply: the bias (or zero) broadcast, gelu'd
+        out = torch.zeros((M, N), dtype=a.dtype, device=a.device) + (0 if bias is None else bias)
+        if store_pre:
+            pre.copy_(out)
+        return (_torch_gelu(out, gelu), pre) if gelu else out
+    splits, per_split = _split_k(M, N, K, a.device) if split_ok else (1, K)
+    out_dtype = acc_torch_dtype(a.dtype) if splits > 1 else a.dtype
+    out = torch.empty((splits, M, N), dtype=out_dtype, device=a.device)
+    _mlp_fwd_tuned[_grid(M, N, splits)](
+        a, b, bias, out, pre,
+        M, N, K, per_split,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), N, 1, M * N,
+        HAS_BIAS=bias is not None, GELU=gelu is not None, STORE_PRE=store_pre,
+        APPROX_TANH=gelu == "tanh", **_dot_options(a.dtype, a.device),
+    )
+    out = out[0] if splits == 1 else out.sum(0).to(a.dtype)
+    return (out, pre) if gelu else out
+
+
+def _torch_gelu(h, approximate):
+    return torch.nn.functional.gelu(h, approximate=approximate)
+
+
+def _gelu_grad_matmul(dy, w2, pre, approximate, need_db):
+    """dh = (dy @ w2) * gelu'(pre), and db1's fp32 partials (one row per row tile) when need_db."""
+    M, K = dy.shape
+    N = w2.shape[1]
+    dpre = torch.empty((M, N), dtype=pre.dtype, device=pre.device)
+    max_tiles_m = triton.cdiv(M, min(c["BLOCK_M"] for c in autotune_configs()))
+    # zeros: autotuned configs with larger BLOCK_M fill fewer rows; the rest must add nothing
+    db_part = torch.zeros((max_tiles_m, N), dtype=acc_torch_dtype(pre.dtype), device=pre.device) \
+        if need_db else None
+    if M == 0 or N == 0:
+        return dpre, db_part
+    if K == 0:  # dy @ w2 is zero
+        dpre.zero_()
+        return dpre, db_part
+    _mlp_bwd_tuned[_grid(M, N)](
+        dy, w2, pre, dpre, db_part,
+        M, N, K,
+        dy.stride(0), dy.stride(1), w2.stride(0), w2.stride(1), pre.stride(0), pre.stride(1),
+        NEED_DB=need_db, APPROX_TANH=approximate == "tanh", **_dot_options(dy.dtype, dy.device),
+    )
+    return dpre, db_part
+
+
+def _gelu_mlp_fwd(x, fc_weight, fc_bias, proj_weight, proj_bias, approximate, save):
+    """Returns y (x.shape[:-1] + (O,)), and when save the pre-activation h and activation g (M, H)."""
+    x2 = x.reshape(-1, x.shape[-1])  # a view whenever x's layout allows; the kernel takes strides
+    act, pre = _matmul(x2, fc_weight.t(), fc_bias, gelu=approximate, store_pre=save)
+    y = _matmul(act, proj_weight.t(), proj_bias)
+    return y.view(*x.shape[:-1], proj_weight.shape[0]), pre, act
+
+
+def _gelu_mlp_bwd(dy, x, fc_weight, proj_weight, pre, act, approximate, needs):
+    """(dx, dW1, db1, dW2, db2); entries whose `needs` flag is False are None."""
+    need_dx, need_dw1, need_db1, need_dw2, need_db2 = needs
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    dx = dw1 = db1 = dw2 = db2 = None
+    if need_dx or need_dw1 or need_db1:
+        dpre, db_part = _gelu_grad_matmul(dy2, proj_weight, pre, approximate, need_db1)
+        if need_dx:
+            dx = _matmul(dpre, fc_weight).view(x.shape)
+        if need_dw1:
+            dw1 = _matmul(dpre.t(), x2, split_ok=True)
+        if need_db1:
+            db1 = db_part.sum(0).to(x.dtype)
+    if need_dw2:
+        dw2 = _matmul(dy2.t(), act, split_ok=True)
+    if need_db2:
+        db2 = dy2.sum(0, dtype=acc_torch_dtype(dy.dtype)).to(x.dtype)
+    return dx, dw1, db1, dw2, db2
+
+
+# ---------------------------------------------------------------- custom ops and autograd
+
+def _empty(like):
+    return like.new_empty(0)
+
+
+@torch.library.custom_op("tritongpt::gelu_mlp_fwd", mutates_args=())
+def _gelu_mlp_fwd_op(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: Optional[torch.Tensor],
+                     proj_weight: torch.Tensor, proj_bias: Optional[torch.Tensor], approximate: str,
+                     save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, pre, act = _gelu_mlp_fwd(x, fc_weight, fc_bias, proj_weight, proj_bias, approximate, save)
+    if not save:
+        return y, _empty(x), _empty(x)
+    return y, pre, act
+
+
+@_gelu_mlp_fwd_op.register_fake
+def _(x, fc_weight, fc_bias, proj_weight, proj_bias, approximate, save):
+    M, H = x.shape[:-1].numel(), fc_weight.shape[0]
+    y = x.new_empty((*x.shape[:-1], proj_weight.shape[0]))
+    if not save:
+        return y, _empty(x), _empty(x)
+    return y, x.new_empty((M, H)), x.new_empty((M, H))
+
+
+@torch.library.custom_op("tritongpt::gelu_mlp_bwd", mutates_args=())
+def _gelu_mlp_bwd_op(dy: torch.Tensor, x: torch.Tensor, fc_weight: torch.Tensor, proj_weight: torch.Tensor,
+                     pre: torch.Tensor, act: torch.Tensor, approximate: str, need_dx: bool, need_dw1: bool,
+                     need_db1: bool, need_dw2: bool, need_db2: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    needs = (need_dx, need_dw1, need_db1, need_dw2, need_db2)
+    grads = _gelu_mlp_bwd(dy, x, fc_weight, proj_weight, pre, act, approximate, needs)
+    return tuple(_empty(x) if g is None else g for g in grads)
+
+
+@_gelu_mlp_bwd_op.register_fake
+def _(dy, x, fc_weight, proj_weight, pre, act, approximate, need_dx, need_dw1, need_db1, need_dw2, need_db2):
+    shapes = (x.shape, fc_weight.shape, fc_weight.shape[:1], proj_weight.shape, proj_weight.shape[:1])
+    needs = (need_dx, need_dw1, need_db1, need_dw2, need_db2)
+    return tuple(x.new_empty(s) if n else _empty(x) for s, n in zip(shapes, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    x, fc_weight, _, proj_weight, _, approximate, _ = inputs
+    _, pre, act = output
+    ctx.save_for_backward(x, fc_weight, proj_weight, pre, act)
+    ctx.approximate = approximate
+
+
+def _backward(ctx, dy, _dpre, _dact):
+    x, fc_weight, proj_weight, pre, act = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:5]
+    grads = _gelu_mlp_bwd_op(dy, x, fc_weight, proj_weight, pre, act, ctx.approximate, *needs)
+    return *(g if n else None for g, n in zip(grads, needs)), None, None
+
+
+_gelu_mlp_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- public function
+
+def _check_inputs(x, fc_weight, fc_bias, proj_weight, proj_bias, approximate):
+    check_tensor("x", x, min_ndim=1)
+    C = x.shape[-1]
+    check_tensor("fc_weight", fc_weight)
+    if fc_weight.dim() != 2 or fc_weight.shape[1] != C or fc_weight.shape[0] == 0:
+        raise ValueError(f"fc_weight must have shape (H, {C}) with H >= 1 to match x's last dimension, "
+                         f"got {tuple(fc_weight.shape)}")
+    H = fc_weight.shape[0]
+    check_tensor("proj_weight", proj_weight)
+    if proj_weight.dim() != 2 or proj_weight.shape[1] != H or proj_weight.shape[0] == 0:
+        raise ValueError(f"proj_weight must have shape (O, {H}) with O >= 1 to match fc_weight, "
+                         f"got {tuple(proj_weight.shape)}")
+    for name, bias, n in (("fc_bias", fc_bias, H), ("proj_bias", proj_bias, proj_weight.shape[0])):
+        if bias is None:
+            continue
+        check_tensor(name, bias)
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"{name} must have shape ({n},), got {tuple(bias.shape)}")
+    for name, t in (("fc_weight", fc_weight), ("fc_bias", fc_bias), ("proj_weight", proj_weight),
+                    ("proj_bias", proj_bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} must have x's dtype {x.dtype} (as F.linear requires), got {t.dtype}")
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+    check_device({"x": x, "fc_weight": fc_weight, "fc_bias": fc_bias, "proj_weight": proj_weight,
+                  "proj_bias": proj_bias})
+
+
+def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, approximate="tanh"):
+    """F.linear(F.gelu(F.linear(x, fc_weight, fc_bias), approximate=approximate), proj_weight, proj_bias).
+
+    x: (..., C), any strides; fc_weight: (H, C) and proj_weight: (O, H) in nn.Linear layout;
+    fc_bias (H,) and proj_bias (O,) or None; all one dtype in fp16, bf16, fp32 or fp64 (as F.linear
+    requires). approximate: "tanh" (GPT-2's GELU, the default) or "none" (the exact erf form).
+    Returns (..., O) in x's dtype; accumulation in fp32 (fp64 for fp64). Differentiable in every
+    tensor (first order); bias gradients are summed in fp32, deterministically.
+    Under torch.autocast the inputs are cast to the autocast dtype first, as F.linear would.
+    Differs from PyTorch: the GELU is applied to the fp32 accumulator, not to h rounded to x's
+    dtype, and dh is formed from an fp32 dg (both one rounding fewer than eager).
+    """
+    _check_inputs(x, fc_weight, fc_bias, proj_weight, proj_bias, approximate)
+    device_type = x.device.type
+    tensors = (x, fc_weight, fc_bias, proj_weight, proj_bias)
+    if torch.is_autocast_enabled(device_type):  # F.linear's autocast rule: compute in the low dtype
+        low = torch.get_autocast_dtype(device_type)
+        tensors = tuple(None if t is None else t.to(low) for t in tensors)
+    with torch.autocast(device_type, enabled=False):
+        return _gelu_mlp_fwd_op(*tensors, approximate, needs_grad(*tensors))[0]
