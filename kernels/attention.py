@@ -1,7 +1,7 @@
 """Tiled FlashAttention, forward and backward: softmax(sm_scale * q @ k^T [+ causal mask]) @ v.
 
 Forward: each program owns BLOCK_M queries of one (batch, head) and walks the keys in tiles of
-BLOCK_N with an online softmax (running max m and sum l, fp32 accumulator), in base 2: scores are
+BLOCK_N with an online softmax (running max m and sum l, fp32 accumulators), in base 2: scores are
 multiplied by sm_scale * log2(e) once and exponentiated with exp2. Key tiles every query of the tile
 sees run unmasked; only the tiles that cross the causal diagonal or the end of the keys are masked;
 tiles past the diagonal are never visited. Per query row the logsumexp (base 2, fp32) is saved.
@@ -18,10 +18,11 @@ Semantics (== F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=sm
 - A query that sees no key gets an output of 0 and zero gradients (SDPA gives nan there).
 - The output has q's dtype and is laid out as (B, Tq, H, D) memory viewed as (B, H, Tq, D), so the
   model's y.transpose(1, 2).contiguous() costs no copy; gradients come back in the same layout.
-Limits: D in {16, 32, 64, 128}; fp16, bf16 and fp32 (fp32 dots in full precision, no tf32); no
-dropout, no attention mask beyond causal; each (batch, head) slice must be addressable with 32-bit
-offsets. In Triton's interpreter (CPU) bf16 tiles are upcast to fp32 before tl.dot, whose bf16 path
-is wrong there; on CUDA they go to the tensor cores as bf16.
+Limits: D in {16, 32, 64, 128}; fp16, bf16, fp32 (dots in full precision, no tf32) and fp64
+(computed in fp64 throughout, for gradcheck); no dropout, no attention mask beyond causal; each
+(batch, head) slice must be addressable with 32-bit offsets. In Triton's interpreter (CPU) bf16
+tiles are upcast to fp32 before tl.dot, whose bf16 path is wrong there; on CUDA they go to the
+tensor cores as bf16.
 """
 import functools
 import math
@@ -30,9 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_device, check_tensor, interpreting
+from ._utils import acc_dtype, acc_torch_dtype, check_device, check_tensor, interpreting
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634
 
@@ -132,7 +133,7 @@ def _attention_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     H, Tq, Tk, qk_scale,
-    CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     m0 = tl.program_id(0) * BLOCK_M
@@ -149,9 +150,9 @@ def _attention_fwd_kernel(
     q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
     IN_DTYPE: tl.constexpr = Q.dtype.element_ty
 
-    acc = tl.zeros((BLOCK_M, HEAD_D), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_D), dtype=ACC)
+    l_i = tl.zeros((BLOCK_M,), dtype=ACC)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
     full_end, hi = _key_range(m0, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _attention_fwd_tiles(
         acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d,
@@ -177,9 +178,9 @@ def _attention_bwd_delta_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     H, Tq,
-    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_D: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """delta_i = sum_d dO[i, d] * O[i, d], in fp32."""
+    """delta_i = sum_d dO[i, d] * O[i, d], in fp32 (fp64 for fp64 inputs)."""
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -190,7 +191,7 @@ def _attention_bwd_delta_kernel(
                 mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
                  + offs_d[None, :] * stride_dod, mask=row_ok[:, None], other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    delta = tl.sum(o.to(ACC) * do.to(ACC), 1)
     tl.store(Delta + bh * Tq + offs_m, delta, mask=row_ok)
 
 
@@ -260,7 +261,7 @@ def _attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     H, Tq, Tk, qk_scale, sm_scale,
     CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, HEAD_D: tl.constexpr, UPCAST: tl.constexpr,
-    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (key tile, batch, head): dK and dV of BLOCK_N keys. DK and DV share strides."""
     n0 = tl.program_id(0) * BLOCK_N
@@ -280,8 +281,8 @@ def _attention_bwd_dkdv_kernel(
     v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=key_ok, other=0.0)
     IN_DTYPE: tl.constexpr = Q.dtype.element_ty
 
-    dk = tl.zeros((BLOCK_N, HEAD_D), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, HEAD_D), dtype=tl.float32)
+    dk = tl.zeros((BLOCK_N, HEAD_D), dtype=ACC)
+    dv = tl.zeros((BLOCK_N, HEAD_D), dtype=ACC)
     lo, mid = _query_range(n0, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     dk, dv = _attention_bwd_dkdv_tiles(
         dk, dv, k, v, Q, DO, Lse, Delta, stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d,
@@ -335,7 +336,7 @@ def _attention_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, Tq, Tk, qk_scale, sm_scale,
-    CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (query tile, batch, head): dQ of BLOCK_M queries."""
@@ -356,7 +357,7 @@ def _attention_bwd_dq_kernel(
     delta = tl.load(Delta + bh * Tq + offs_m, mask=row_ok, other=0.0)
     IN_DTYPE: tl.constexpr = Q.dtype.element_ty
 
-    dq = tl.zeros((BLOCK_M, HEAD_D), dtype=tl.float32)
+    dq = tl.zeros((BLOCK_M, HEAD_D), dtype=ACC)
     full_end, hi = _key_range(m0, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
                                  offs_m, offs_d, 0, full_end, Tq, Tk, qk_scale,
@@ -400,10 +401,11 @@ def _launch(kernel, kind, grid, args, constexprs, Tq, Tk):
 
 
 def _dot_options(dtype):
-    """UPCAST and PREC constexprs: bf16 dots upcast in the interpreter; fp32 dots in full precision."""
+    """UPCAST, PREC and ACC constexprs: bf16 dots upcast in the interpreter; fp32 and fp64 dots in
+    full precision (no tf32); fp64 inputs accumulate in fp64 (for gradcheck), the others in fp32."""
     upcast = interpreting() and dtype == torch.bfloat16
-    prec = "ieee" if dtype == torch.float32 or upcast else "tf32"
-    return dict(UPCAST=upcast, PREC=prec)
+    prec = "ieee" if dtype in (torch.float32, torch.float64) or upcast else "tf32"
+    return dict(UPCAST=upcast, PREC=prec, ACC=acc_dtype(dtype))
 
 
 def _empty_bthd(B, H, T, D, like):
@@ -416,11 +418,12 @@ def _strides(*tensors):
 
 
 def _attention_fwd(q, k, v, causal, sm_scale):
-    """(o, lse): the output (q's dtype, _empty_bthd layout) and the base-2 logsumexp (B, H, Tq) fp32."""
+    """(o, lse): the output (q's dtype, _empty_bthd layout) and the base-2 logsumexp (B, H, Tq),
+    fp32 (fp64 for fp64 inputs)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     o = _empty_bthd(B, H, Tq, D, q)
-    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    lse = torch.empty((B, H, Tq), dtype=acc_torch_dtype(q.dtype), device=q.device)
     args = (q, k, v, o, lse, *_strides(q, k, v, o), H, Tq, Tk, sm_scale * LOG2E)
     _launch(_attention_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(Tq, bm), B * H), args,
             dict(CAUSAL=causal, HEAD_D=D, **_dot_options(q.dtype)), Tq, Tk)
@@ -432,9 +435,9 @@ def _attention_bwd(do, q, k, v, o, lse, causal, sm_scale):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     do = do.to(q.dtype)
-    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    delta = torch.empty((B, H, Tq), dtype=acc_torch_dtype(q.dtype), device=q.device)
     _attention_bwd_delta_kernel[(triton.cdiv(Tq, DELTA_BLOCK_M), B * H)](
-        o, do, delta, *_strides(o, do), H, Tq, HEAD_D=D, BLOCK_M=DELTA_BLOCK_M)
+        o, do, delta, *_strides(o, do), H, Tq, HEAD_D=D, ACC=acc_dtype(q.dtype), BLOCK_M=DELTA_BLOCK_M)
     dq = _empty_bthd(B, H, Tq, D, q)
     dk = _empty_bthd(B, H, Tk, D, k)
     dv = _empty_bthd(B, H, Tk, D, v)
@@ -462,7 +465,7 @@ def flash_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
 @flash_attention_fwd_op.register_fake
 def _(q, k, v, causal, sm_scale):
     B, H, Tq, D = q.shape
-    return _empty_bthd(B, H, Tq, D, q), q.new_empty((B, H, Tq), dtype=torch.float32)
+    return _empty_bthd(B, H, Tq, D, q), q.new_empty((B, H, Tq), dtype=acc_torch_dtype(q.dtype))
 
 
 @torch.library.custom_op("tritongpt::flash_attention_bwd", mutates_args=())
@@ -532,7 +535,7 @@ def _check_inputs(q, k, v, causal, sm_scale):
 def flash_attention(q, k, v, causal=True, sm_scale=None):
     """Attention in Triton: F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=sm_scale).
 
-    q: (B, H, Tq, D); k, v: (B, H, Tk, D); one dtype (fp16, bf16 or fp32), D in {16, 32, 64, 128},
+    q: (B, H, Tq, D); k, v: (B, H, Tk, D); one dtype (fp16, bf16, fp32 or fp64), D in {16, 32, 64, 128},
     any strides (no copies). sm_scale defaults to 1 / sqrt(D). With causal=True and Tq != Tk the
     mask is aligned to the end: query i sees the keys j <= i + Tk - Tq (SDPA aligns it to the
     start); a query that sees no key (only possible when Tq > Tk) gets 0, not nan, and no gradient.
