@@ -72,6 +72,25 @@ def _dot(a, b, IN_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr)
 
 
 @triton.jit
+def _load_rows(P, rows, cols, stride_r, stride_c, n_rows, CHECK: tl.constexpr):
+    """The tile P[rows, cols]; with CHECK, rows >= n_rows read 0 (without, all rows must exist)."""
+    ptrs = P + rows[:, None] * stride_r + cols[None, :] * stride_c
+    if CHECK:
+        return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _visible(rows, cols, Tq, Tk, CAUSAL: tl.constexpr):
+    """Whether query `rows` sees key `cols` (broadcast index tensors): the key exists and, when
+    causal, j <= i + Tk - Tq (the mask aligned to the end)."""
+    keep = cols < Tk
+    if CAUSAL:
+        keep = keep & (cols <= rows + (Tk - Tq))
+    return keep
+
+
+@triton.jit
 def _key_range(m0, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """For the queries [m0, m0 + BLOCK_M): (full_end, hi). Key tiles in [0, full_end) are seen whole
     by every query (no mask); tiles in [full_end, hi) need the mask; keys from hi on are seen by none.
@@ -96,22 +115,12 @@ def _attention_fwd_tiles(
     """Fold the key tiles [lo, hi) into the running (acc, l, m); MASKED applies the key bound and
     the causal mask (only the tiles that straddle either)."""
     for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-        if MASKED:
-            k = tl.load(k_ptrs, mask=offs_n[:, None] < Tk, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_n[:, None] < Tk, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        offs_n = tl.multiple_of(start_n, BLOCK_N) + tl.arange(0, BLOCK_N)
+        k = _load_rows(K, offs_n, offs_d, stride_kn, stride_kd, Tk, MASKED)
+        v = _load_rows(V, offs_n, offs_d, stride_vn, stride_vd, Tk, MASKED)
         s = _dot(q, tl.trans(k), IN_DTYPE, UPCAST, PREC) * qk_scale
         if MASKED:
-            keep = offs_n[None, :] < Tk
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))
-            s = tl.where(keep, s, float("-inf"))
+            s = tl.where(_visible(offs_m[:, None], offs_n[None, :], Tq, Tk, CAUSAL), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED:  # a row with no visible key so far keeps m = -inf: subtract 0 instead (p = 0)
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -147,7 +156,7 @@ def _attention_fwd_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
     row_ok = offs_m < Tq
-    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+    q = _load_rows(Q, offs_m, offs_d, stride_qm, stride_qd, Tq, True)
     IN_DTYPE: tl.constexpr = Q.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M, HEAD_D), dtype=ACC)
@@ -187,10 +196,8 @@ def _attention_bwd_delta_kernel(
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
     row_ok = offs_m < Tq
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_d[None, :] * stride_dod, mask=row_ok[:, None], other=0.0)
+    o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od, Tq, True)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, Tq, True)
     delta = tl.sum(o.to(ACC) * do.to(ACC), 1)
     tl.store(Delta + bh * Tq + offs_m, delta, mask=row_ok)
 
@@ -226,24 +233,20 @@ def _attention_bwd_dkdv_tiles(
     """Accumulate dK and dV of one key tile over the query tiles [lo, hi), working transposed
     (keys x queries) so no probability tile is ever transposed. MASKED applies the causal mask."""
     for start_m in range(lo, hi, BLOCK_M):
-        start_m = tl.multiple_of(start_m, BLOCK_M)
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_ptrs = Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-        do_ptrs = DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
-        if MASKED or not EVEN_M:  # the last tile may pass Tq (padding rows add exactly 0)
-            row_ok = offs_m < Tq
-            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
-            lse = tl.load(Lse + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
+        offs_m = tl.multiple_of(start_m, BLOCK_M) + tl.arange(0, BLOCK_M)
+        # Only the last tile may pass Tq (its padding rows add exactly 0): bounds-checked loads
+        # on the diagonal tiles and when Tq is not a multiple of the tile.
+        q = _load_rows(Q, offs_m, offs_d, stride_qm, stride_qd, Tq, MASKED or not EVEN_M)
+        do = _load_rows(DO, offs_m, offs_d, stride_dom, stride_dod, Tq, MASKED or not EVEN_M)
+        if MASKED or not EVEN_M:
+            lse = tl.load(Lse + offs_m, mask=offs_m < Tq, other=float("inf"))
+            delta = tl.load(Delta + offs_m, mask=offs_m < Tq, other=0.0)
         else:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
             lse = tl.load(Lse + offs_m)
             delta = tl.load(Delta + offs_m)
         p_t = tl.math.exp2(_dot(k, tl.trans(q), IN_DTYPE, UPCAST, PREC) * qk_scale - lse[None, :])
         if MASKED:
-            p_t = tl.where(offs_m[None, :] + (Tk - Tq) >= offs_n[:, None], p_t, 0.0)
+            p_t = tl.where(_visible(offs_m[None, :], offs_n[:, None], Tq, Tk, True), p_t, 0.0)
         dv += _dot(p_t, do, IN_DTYPE, UPCAST, PREC)
         dp_t = _dot(v, tl.trans(do), IN_DTYPE, UPCAST, PREC)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -277,8 +280,8 @@ def _attention_bwd_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D)
     key_ok = offs_n[:, None] < Tk
-    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=key_ok, other=0.0)
-    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=key_ok, other=0.0)
+    k = _load_rows(K, offs_n, offs_d, stride_kn, stride_kd, Tk, True)
+    v = _load_rows(V, offs_n, offs_d, stride_vn, stride_vd, Tk, True)
     IN_DTYPE: tl.constexpr = Q.dtype.element_ty
 
     dk = tl.zeros((BLOCK_N, HEAD_D), dtype=ACC)
@@ -305,22 +308,12 @@ def _attention_bwd_dq_tiles(
 ):
     """Accumulate dQ of one query tile over the key tiles [lo, hi); MASKED as in the forward."""
     for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-        if MASKED:
-            k = tl.load(k_ptrs, mask=offs_n[:, None] < Tk, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_n[:, None] < Tk, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        offs_n = tl.multiple_of(start_n, BLOCK_N) + tl.arange(0, BLOCK_N)
+        k = _load_rows(K, offs_n, offs_d, stride_kn, stride_kd, Tk, MASKED)
+        v = _load_rows(V, offs_n, offs_d, stride_vn, stride_vd, Tk, MASKED)
         p = tl.math.exp2(_dot(q, tl.trans(k), IN_DTYPE, UPCAST, PREC) * qk_scale - lse[:, None])
         if MASKED:
-            keep = offs_n[None, :] < Tk
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))
-            p = tl.where(keep, p, 0.0)
+            p = tl.where(_visible(offs_m[:, None], offs_n[None, :], Tq, Tk, CAUSAL), p, 0.0)
         dp = _dot(do, tl.trans(v), IN_DTYPE, UPCAST, PREC)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds, k, IN_DTYPE, UPCAST, PREC)
@@ -349,10 +342,8 @@ def _attention_bwd_dq_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
     row_ok = offs_m < Tq
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_d[None, :] * stride_dod, mask=row_ok[:, None], other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Tq, True)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, Tq, True)
     lse = tl.load(Lse + bh * Tq + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + bh * Tq + offs_m, mask=row_ok, other=0.0)
     IN_DTYPE: tl.constexpr = Q.dtype.element_ty
