@@ -435,9 +435,10 @@ def _attention_bwd(do, q, k, v, o, lse, causal, sm_scale):
     dv = _empty_bthd(B, H, Tk, D, v)
     scales = (H, Tq, Tk, sm_scale * LOG2E, sm_scale)
     options = dict(CAUSAL=causal, HEAD_D=D, **_dot_options(q.dtype))
-    # EVEN_M is fixed per launch (not per autotuned BLOCK_M): it holds when Tq is a multiple of
-    # every query tile any config uses.
-    even_m = Tq % 128 == 0 if not interpreting() else Tq % INTERPRET_CONFIG["dkdv"][0] == 0
+    # EVEN_M is fixed per launch, before autotuning picks BLOCK_M: it holds when Tq is a multiple
+    # of every query tile a dK/dV config may use.
+    configs = [INTERPRET_CONFIG["dkdv"]] if interpreting() else cuda_configs("dkdv", D)
+    even_m = all(Tq % bm == 0 for bm, *_ in configs)
     _launch(_attention_bwd_dkdv_kernel, "dkdv", lambda bm, bn: (triton.cdiv(Tk, bn), B * H),
             (q, k, v, do, lse, delta, dk, dv, *_strides(q, k, v, do, dk), *scales),
             dict(options, EVEN_M=even_m), Tq, Tk)
