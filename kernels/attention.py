@@ -51,7 +51,10 @@ CUDA_CONFIGS = {
     ("dq", 64): [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
     ("dq", 128): [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
 }
-# Small head dims reuse the D = 64 lists (their tiles are smaller still).
+# Small head dims reuse the D = 64 lists (their tiles are smaller still). fp32 and fp64 dots run
+# on CUDA cores (no tf32), which need far more registers per tile: small tiles only (correctness
+# paths, not tuned for speed; some of these still spill a few hundred bytes at D = 128).
+WIDE_CONFIGS = [(32, 32, 4, 2), (32, 32, 8, 2)]
 # One fixed config in the interpreter (it runs programs one at a time, in numpy: fewer, larger
 # tiles are faster), with BLOCK_M != BLOCK_N so the causal tile bookkeeping runs in its general form.
 INTERPRET_CONFIG = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
@@ -369,26 +372,29 @@ def _bucket(t):
     return max(16, triton.next_power_of_2(t))
 
 
-def cuda_configs(kind, head_d):
+def cuda_configs(kind, head_d, dtype=torch.bfloat16):
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) list autotuned for `kind` at head dim D."""
+    if dtype in (torch.float32, torch.float64):
+        return WIDE_CONFIGS
     return CUDA_CONFIGS[(kind, 128 if head_d == 128 else 64)]
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel, kind, head_d, bucket_q, bucket_k):
-    """An autotuner over cuda_configs for one kernel, head dim and pair of length buckets."""
+def _tuned(kernel, kind, head_d, dtype, bucket_q, bucket_k):
+    """An autotuner over cuda_configs for one kernel, head dim, dtype and pair of length buckets."""
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-               for bm, bn, w, s in cuda_configs(kind, head_d)]
+               for bm, bn, w, s in cuda_configs(kind, head_d, dtype)]
     return triton.autotune(configs, key=["CAUSAL"])(kernel)
 
 
 def _launch(kernel, kind, grid, args, constexprs, Tq, Tk):
-    """Launch with the fixed interpreter config, or autotuned on CUDA; grid(BLOCK_M, BLOCK_N)."""
+    """Launch with the fixed interpreter config, or autotuned on CUDA; grid(BLOCK_M, BLOCK_N).
+    args[0] is q (its dtype picks the config list)."""
     if interpreting():
         bm, bn, warps, stages = INTERPRET_CONFIG[kind]
         kernel[grid(bm, bn)](*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
         return
-    tuned = _tuned(kernel, kind, constexprs["HEAD_D"], _bucket(Tq), _bucket(Tk))
+    tuned = _tuned(kernel, kind, constexprs["HEAD_D"], args[0].dtype, _bucket(Tq), _bucket(Tk))
     tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
 
 
@@ -437,7 +443,7 @@ def _attention_bwd(do, q, k, v, o, lse, causal, sm_scale):
     options = dict(CAUSAL=causal, HEAD_D=D, **_dot_options(q.dtype))
     # EVEN_M is fixed per launch, before autotuning picks BLOCK_M: it holds when Tq is a multiple
     # of every query tile a dK/dV config may use.
-    configs = [INTERPRET_CONFIG["dkdv"]] if interpreting() else cuda_configs("dkdv", D)
+    configs = [INTERPRET_CONFIG["dkdv"]] if interpreting() else cuda_configs("dkdv", D, q.dtype)
     even_m = all(Tq % bm == 0 for bm, *_ in configs)
     _launch(_attention_bwd_dkdv_kernel, "dkdv", lambda bm, bn: (triton.cdiv(Tk, bn), B * H),
             (q, k, v, do, lse, delta, dk, dv, *_strides(q, k, v, do, dk), *scales),
