@@ -21,7 +21,9 @@ TFLOP/s counts the matmul FLOPs of exact attention, whatever a provider really d
 4 * B * H * T * T * D (q @ k^T and p @ v), halved for the causal mask; backward 2.5x the forward
 (five matmuls of that size: dv, dp, dq, dk and the recomputed scores); fwd_bwd 3.5x. Peak memory:
 harness.peak_memory_mb, what one call allocates beyond its inputs. A backend that cannot run on
-this GPU or shape (cuDNN missing, say) is reported in meta["skipped"] and left out; the run goes on.
+this GPU or shape (cuDNN missing, say) is reported in meta["skipped"] (as "attention:<provider>")
+and left out; the run goes on. The module follows the benchmark protocol of bench/harness.py
+(OPS, collect, cases, main).
 """
 import sys
 from pathlib import Path
@@ -34,6 +36,7 @@ import torch  # noqa: E402
 from bench import harness  # noqa: E402
 
 OP = "attention"
+OPS = (OP,)
 B, H = 16, 12
 SEQ_LENS = (256, 512, 1024, 2048, 4096, 8192)
 HEAD_DIMS = (64, 128)
@@ -106,20 +109,21 @@ def _active(fns, skipped, T):
     """The providers to run at length T: the math reference only up to MATH_MAX_T."""
     if T <= MATH_MAX_T or "torch" not in fns:
         return dict(fns)
-    skipped["torch"] = f"math backend run only up to T={MATH_MAX_T} (its T x T scores do not fit beyond)"
+    skipped[f"{OP}:torch"] = f"math backend run only up to T={MATH_MAX_T} (its T x T scores do not fit beyond)"
     return {name: fn for name, fn in fns.items() if name != "torch"}
 
 
-def run(shapes, fns, skipped, warmup, rep, device="cuda"):
+def run(shapes, fns, skipped, warmup, rep, device="cuda", progress=None):
     """Time every provider in every mode on every (T, D); return the rows. A provider that fails
-    (optional ones only) is dropped from fns for the later shapes too."""
+    (optional ones only) is dropped from fns for the later shapes too. progress(rows, meta_extra),
+    when given, is called after every shape (the suite saves what a cut-short run measured)."""
     rows = []
     for T, D in shapes:
         inputs = make_inputs(T, D, device)
         active = _active(fns, skipped, T)
         started = list(active)
         results = harness.measure_providers(active, MODES, measure, (inputs, warmup, rep), skipped, OPTIONAL,
-                                            f"T={T} D={D}")
+                                            f"T={T} D={D}", prefix=f"{OP}:")
         shape = {"B": B, "H": H, "T": T, "D": D}
         for name, mode, (timing, mem) in results:
             rate = harness.tflops(attention_flops(B, H, T, D, mode), timing["ms"])
@@ -128,24 +132,48 @@ def run(shapes, fns, skipped, warmup, rep, device="cuda"):
             if name not in active:  # it failed at this shape: measure_providers dropped it
                 del fns[name]
         del inputs
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        if progress is not None:
+            progress(rows, {"skipped": skipped})
     return rows
 
 
-def main(argv=None):
-    args = harness.arg_parser(__doc__.splitlines()[0]).parse_args(argv)
-    if not harness.require_cuda("bench_attention"):
-        return 0
-    from bench.report import render_markdown
+def shapes_for(args):
+    """The (T, D) pairs of a run."""
+    return QUICK_SHAPES if args.quick else tuple((T, D) for D in HEAD_DIMS for T in SEQ_LENS)
 
+
+def collect(args):
+    """The benchmark protocol (bench/harness.py): (rows, meta_extra) of one run on CUDA."""
     fns, skipped = providers(args.no_compile)
+    skipped = {f"{OP}:{name}": why for name, why in skipped.items()}
     warmup, rep = (5, 20) if args.quick else (25, 100)
-    shapes = QUICK_SHAPES if args.quick else tuple((T, D) for D in HEAD_DIMS for T in SEQ_LENS)
-    rows = run(shapes, fns, skipped, warmup, rep)
-    meta = dict(harness.machine_meta(), skipped=skipped)
-    path = harness.write_results(rows, meta, args.out_dir)
-    print(render_markdown([dict(harness.load_results(path), path=str(path))]))
-    print(f"wrote {path}")
-    return 0
+    rows = run(shapes_for(args), fns, skipped, warmup, rep, progress=getattr(args, "progress", None))
+    return rows, {"skipped": skipped}
+
+
+def cases(args):
+    """The protocol's pytest-benchmark cases: (id, setup) per shape, provider and mode (the math
+    reference only up to MATH_MAX_T)."""
+    fns, _ = providers(args.no_compile)
+    for T, D in shapes_for(args):
+        for name, fn in fns.items():
+            if name == "torch" and T > MATH_MAX_T:
+                continue
+            for mode in MODES:
+                yield f"{OP}-T{T}-D{D}-{name}-{mode}", _case_setup(fn, mode, T, D)
+
+
+def _case_setup(fn, mode, T, D):
+    def setup():
+        q, k, v, do = make_inputs(T, D)
+        return runner(fn, mode, q, k, v, do), [q, k, v]
+    return setup
+
+
+def main(argv=None):
+    return harness.bench_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

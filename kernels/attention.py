@@ -1,7 +1,7 @@
 """Tiled FlashAttention, forward and backward: softmax(sm_scale * q @ k^T [+ causal mask]) @ v.
 
 Forward: each program owns BLOCK_M queries of one (batch, head) and walks the keys in tiles of
-BLOCK_N with an online softmax (running max m and sum l, fp32 accumulator), in base 2: scores are
+BLOCK_N with an online softmax (running max m and sum l, fp32 accumulators), in base 2: scores are
 multiplied by sm_scale * log2(e) once and exponentiated with exp2. Key tiles every query of the tile
 sees run unmasked; only the tiles that cross the causal diagonal or the end of the keys are masked;
 tiles past the diagonal are never visited. Per query row the logsumexp (base 2, fp32) is saved.
@@ -18,10 +18,11 @@ Semantics (== F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=sm
 - A query that sees no key gets an output of 0 and zero gradients (SDPA gives nan there).
 - The output has q's dtype and is laid out as (B, Tq, H, D) memory viewed as (B, H, Tq, D), so the
   model's y.transpose(1, 2).contiguous() costs no copy; gradients come back in the same layout.
-Limits: D in {16, 32, 64, 128}; fp16, bf16 and fp32 (fp32 dots in full precision, no tf32); no
-dropout, no attention mask beyond causal; each (batch, head) slice must be addressable with 32-bit
-offsets. In Triton's interpreter (CPU) bf16 tiles are upcast to fp32 before tl.dot, whose bf16 path
-is wrong there; on CUDA they go to the tensor cores as bf16.
+Limits: D in {16, 32, 64, 128}; fp16, bf16, fp32 (dots in full precision, no tf32) and fp64
+(computed in fp64 throughout, for gradcheck); no dropout, no attention mask beyond causal; each
+(batch, head) slice must be addressable with 32-bit offsets. In Triton's interpreter (CPU) bf16
+tiles are upcast to fp32 before tl.dot, whose bf16 path is wrong there; on CUDA they go to the
+tensor cores as bf16.
 """
 import functools
 import math
@@ -30,9 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_device, check_tensor, interpreting
+from ._utils import acc_dtype, acc_torch_dtype, check_device, check_tensor, interpreting
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634
 
@@ -40,16 +41,20 @@ LOG2E = 1.4426950408889634
 # pruned for H100 (wgmma wants 4 or 8 warps and M tiles of 64/128; 3 stages fit 228 KB of shared
 # memory at these sizes). BLOCK_M counts queries, BLOCK_N keys. Every entry compiles for sm_90 with
 # wgmma and without spills (checked ahead of time; configs that spilled were dropped). The first
-# entry of each list is the expected winner at T = 1024 and the one kernels.inspect reports.
+# entry of each list is the expected winner at T = 1024 and the one kernels.inspect reports (it
+# compiles without spills for sm_80 too).
 CUDA_CONFIGS = {
     ("fwd", 64): [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
     ("fwd", 128): [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
     ("dkdv", 64): [(64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)],
     ("dkdv", 128): [(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)],
     ("dq", 64): [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
-    ("dq", 128): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)],
+    ("dq", 128): [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
 }
-# Small head dims reuse the D = 64 lists (their tiles are smaller still).
+# Small head dims reuse the D = 64 lists (their tiles are smaller still). fp32 and fp64 dots run
+# on CUDA cores (no tf32), which need far more registers per tile: small tiles only (correctness
+# paths, not tuned for speed; some of these still spill a few hundred bytes at D = 128).
+WIDE_CONFIGS = [(32, 32, 4, 2), (32, 32, 8, 2)]
 # One fixed config in the interpreter (it runs programs one at a time, in numpy: fewer, larger
 # tiles are faster), with BLOCK_M != BLOCK_N so the causal tile bookkeeping runs in its general form.
 INTERPRET_CONFIG = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
@@ -68,6 +73,25 @@ def _dot(a, b, IN_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr)
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _load_rows(P, rows, cols, stride_r, stride_c, n_rows, CHECK: tl.constexpr):
+    """The tile P[rows, cols]; with CHECK, rows >= n_rows read 0 (without, all rows must exist)."""
+    ptrs = P + rows[:, None] * stride_r + cols[None, :] * stride_c
+    if CHECK:
+        return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _visible(rows, cols, Tq, Tk, CAUSAL: tl.constexpr):
+    """Whether query `rows` sees key `cols` (broadcast index tensors): the key exists and, when
+    causal, j <= i + Tk - Tq (the mask aligned to the end)."""
+    keep = cols < Tk
+    if CAUSAL:
+        keep = keep & (cols <= rows + (Tk - Tq))
+    return keep
 
 
 @triton.jit
@@ -95,22 +119,12 @@ def _attention_fwd_tiles(
     """Fold the key tiles [lo, hi) into the running (acc, l, m); MASKED applies the key bound and
     the causal mask (only the tiles that straddle either)."""
     for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-        if MASKED:
-            k = tl.load(k_ptrs, mask=offs_n[:, None] < Tk, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_n[:, None] < Tk, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        offs_n = tl.multiple_of(start_n, BLOCK_N) + tl.arange(0, BLOCK_N)
+        k = _load_rows(K, offs_n, offs_d, stride_kn, stride_kd, Tk, MASKED)
+        v = _load_rows(V, offs_n, offs_d, stride_vn, stride_vd, Tk, MASKED)
         s = _dot(q, tl.trans(k), IN_DTYPE, UPCAST, PREC) * qk_scale
         if MASKED:
-            keep = offs_n[None, :] < Tk
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))
-            s = tl.where(keep, s, float("-inf"))
+            s = tl.where(_visible(offs_m[:, None], offs_n[None, :], Tq, Tk, CAUSAL), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED:  # a row with no visible key so far keeps m = -inf: subtract 0 instead (p = 0)
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -132,7 +146,7 @@ def _attention_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     H, Tq, Tk, qk_scale,
-    CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     m0 = tl.program_id(0) * BLOCK_M
@@ -146,12 +160,12 @@ def _attention_fwd_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
     row_ok = offs_m < Tq
-    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+    q = _load_rows(Q, offs_m, offs_d, stride_qm, stride_qd, Tq, True)
     IN_DTYPE: tl.constexpr = Q.dtype.element_ty
 
-    acc = tl.zeros((BLOCK_M, HEAD_D), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_D), dtype=ACC)
+    l_i = tl.zeros((BLOCK_M,), dtype=ACC)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
     full_end, hi = _key_range(m0, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _attention_fwd_tiles(
         acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d,
@@ -177,20 +191,18 @@ def _attention_bwd_delta_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     H, Tq,
-    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_D: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """delta_i = sum_d dO[i, d] * O[i, d], in fp32."""
+    """delta_i = sum_d dO[i, d] * O[i, d], in fp32 (fp64 for fp64 inputs)."""
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
     row_ok = offs_m < Tq
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_d[None, :] * stride_dod, mask=row_ok[:, None], other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od, Tq, True)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, Tq, True)
+    delta = tl.sum(o.to(ACC) * do.to(ACC), 1)
     tl.store(Delta + bh * Tq + offs_m, delta, mask=row_ok)
 
 
@@ -225,24 +237,20 @@ def _attention_bwd_dkdv_tiles(
     """Accumulate dK and dV of one key tile over the query tiles [lo, hi), working transposed
     (keys x queries) so no probability tile is ever transposed. MASKED applies the causal mask."""
     for start_m in range(lo, hi, BLOCK_M):
-        start_m = tl.multiple_of(start_m, BLOCK_M)
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_ptrs = Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-        do_ptrs = DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
-        if MASKED or not EVEN_M:  # the last tile may pass Tq (padding rows add exactly 0)
-            row_ok = offs_m < Tq
-            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
-            lse = tl.load(Lse + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
+        offs_m = tl.multiple_of(start_m, BLOCK_M) + tl.arange(0, BLOCK_M)
+        # Only the last tile may pass Tq (its padding rows add exactly 0): bounds-checked loads
+        # on the diagonal tiles and when Tq is not a multiple of the tile.
+        q = _load_rows(Q, offs_m, offs_d, stride_qm, stride_qd, Tq, MASKED or not EVEN_M)
+        do = _load_rows(DO, offs_m, offs_d, stride_dom, stride_dod, Tq, MASKED or not EVEN_M)
+        if MASKED or not EVEN_M:
+            lse = tl.load(Lse + offs_m, mask=offs_m < Tq, other=float("inf"))
+            delta = tl.load(Delta + offs_m, mask=offs_m < Tq, other=0.0)
         else:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
             lse = tl.load(Lse + offs_m)
             delta = tl.load(Delta + offs_m)
         p_t = tl.math.exp2(_dot(k, tl.trans(q), IN_DTYPE, UPCAST, PREC) * qk_scale - lse[None, :])
         if MASKED:
-            p_t = tl.where(offs_m[None, :] + (Tk - Tq) >= offs_n[:, None], p_t, 0.0)
+            p_t = tl.where(_visible(offs_m[None, :], offs_n[:, None], Tq, Tk, True), p_t, 0.0)
         dv += _dot(p_t, do, IN_DTYPE, UPCAST, PREC)
         dp_t = _dot(v, tl.trans(do), IN_DTYPE, UPCAST, PREC)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -260,7 +268,7 @@ def _attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     H, Tq, Tk, qk_scale, sm_scale,
     CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, HEAD_D: tl.constexpr, UPCAST: tl.constexpr,
-    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (key tile, batch, head): dK and dV of BLOCK_N keys. DK and DV share strides."""
     n0 = tl.program_id(0) * BLOCK_N
@@ -276,12 +284,12 @@ def _attention_bwd_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D)
     key_ok = offs_n[:, None] < Tk
-    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=key_ok, other=0.0)
-    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=key_ok, other=0.0)
+    k = _load_rows(K, offs_n, offs_d, stride_kn, stride_kd, Tk, True)
+    v = _load_rows(V, offs_n, offs_d, stride_vn, stride_vd, Tk, True)
     IN_DTYPE: tl.constexpr = Q.dtype.element_ty
 
-    dk = tl.zeros((BLOCK_N, HEAD_D), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, HEAD_D), dtype=tl.float32)
+    dk = tl.zeros((BLOCK_N, HEAD_D), dtype=ACC)
+    dv = tl.zeros((BLOCK_N, HEAD_D), dtype=ACC)
     lo, mid = _query_range(n0, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     dk, dv = _attention_bwd_dkdv_tiles(
         dk, dv, k, v, Q, DO, Lse, Delta, stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d,
@@ -304,22 +312,12 @@ def _attention_bwd_dq_tiles(
 ):
     """Accumulate dQ of one query tile over the key tiles [lo, hi); MASKED as in the forward."""
     for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-        v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-        if MASKED:
-            k = tl.load(k_ptrs, mask=offs_n[:, None] < Tk, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_n[:, None] < Tk, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        offs_n = tl.multiple_of(start_n, BLOCK_N) + tl.arange(0, BLOCK_N)
+        k = _load_rows(K, offs_n, offs_d, stride_kn, stride_kd, Tk, MASKED)
+        v = _load_rows(V, offs_n, offs_d, stride_vn, stride_vd, Tk, MASKED)
         p = tl.math.exp2(_dot(q, tl.trans(k), IN_DTYPE, UPCAST, PREC) * qk_scale - lse[:, None])
         if MASKED:
-            keep = offs_n[None, :] < Tk
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))
-            p = tl.where(keep, p, 0.0)
+            p = tl.where(_visible(offs_m[:, None], offs_n[None, :], Tq, Tk, CAUSAL), p, 0.0)
         dp = _dot(do, tl.trans(v), IN_DTYPE, UPCAST, PREC)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds, k, IN_DTYPE, UPCAST, PREC)
@@ -335,7 +333,7 @@ def _attention_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, Tq, Tk, qk_scale, sm_scale,
-    CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (query tile, batch, head): dQ of BLOCK_M queries."""
@@ -348,15 +346,13 @@ def _attention_bwd_dq_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
     row_ok = offs_m < Tq
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_d[None, :] * stride_dod, mask=row_ok[:, None], other=0.0)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Tq, True)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, Tq, True)
     lse = tl.load(Lse + bh * Tq + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + bh * Tq + offs_m, mask=row_ok, other=0.0)
     IN_DTYPE: tl.constexpr = Q.dtype.element_ty
 
-    dq = tl.zeros((BLOCK_M, HEAD_D), dtype=tl.float32)
+    dq = tl.zeros((BLOCK_M, HEAD_D), dtype=ACC)
     full_end, hi = _key_range(m0, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
                                  offs_m, offs_d, 0, full_end, Tq, Tk, qk_scale,
@@ -376,34 +372,38 @@ def _bucket(t):
     return max(16, triton.next_power_of_2(t))
 
 
-def cuda_configs(kind, head_d):
+def cuda_configs(kind, head_d, dtype=torch.bfloat16):
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) list autotuned for `kind` at head dim D."""
+    if dtype in (torch.float32, torch.float64):
+        return WIDE_CONFIGS
     return CUDA_CONFIGS[(kind, 128 if head_d == 128 else 64)]
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel, kind, head_d, bucket_q, bucket_k):
-    """An autotuner over cuda_configs for one kernel, head dim and pair of length buckets."""
+def _tuned(kernel, kind, head_d, dtype, bucket_q, bucket_k):
+    """An autotuner over cuda_configs for one kernel, head dim, dtype and pair of length buckets."""
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-               for bm, bn, w, s in cuda_configs(kind, head_d)]
+               for bm, bn, w, s in cuda_configs(kind, head_d, dtype)]
     return triton.autotune(configs, key=["CAUSAL"])(kernel)
 
 
 def _launch(kernel, kind, grid, args, constexprs, Tq, Tk):
-    """Launch with the fixed interpreter config, or autotuned on CUDA; grid(BLOCK_M, BLOCK_N)."""
+    """Launch with the fixed interpreter config, or autotuned on CUDA; grid(BLOCK_M, BLOCK_N).
+    args[0] is q (its dtype picks the config list)."""
     if interpreting():
         bm, bn, warps, stages = INTERPRET_CONFIG[kind]
         kernel[grid(bm, bn)](*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
         return
-    tuned = _tuned(kernel, kind, constexprs["HEAD_D"], _bucket(Tq), _bucket(Tk))
+    tuned = _tuned(kernel, kind, constexprs["HEAD_D"], args[0].dtype, _bucket(Tq), _bucket(Tk))
     tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
 
 
 def _dot_options(dtype):
-    """UPCAST and PREC constexprs: bf16 dots upcast in the interpreter; fp32 dots in full precision."""
+    """UPCAST, PREC and ACC constexprs: bf16 dots upcast in the interpreter; fp32 and fp64 dots in
+    full precision (no tf32); fp64 inputs accumulate in fp64 (for gradcheck), the others in fp32."""
     upcast = interpreting() and dtype == torch.bfloat16
-    prec = "ieee" if dtype == torch.float32 or upcast else "tf32"
-    return dict(UPCAST=upcast, PREC=prec)
+    prec = "ieee" if dtype in (torch.float32, torch.float64) or upcast else "tf32"
+    return dict(UPCAST=upcast, PREC=prec, ACC=acc_dtype(dtype))
 
 
 def _empty_bthd(B, H, T, D, like):
@@ -416,11 +416,12 @@ def _strides(*tensors):
 
 
 def _attention_fwd(q, k, v, causal, sm_scale):
-    """(o, lse): the output (q's dtype, _empty_bthd layout) and the base-2 logsumexp (B, H, Tq) fp32."""
+    """(o, lse): the output (q's dtype, _empty_bthd layout) and the base-2 logsumexp (B, H, Tq),
+    fp32 (fp64 for fp64 inputs)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     o = _empty_bthd(B, H, Tq, D, q)
-    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    lse = torch.empty((B, H, Tq), dtype=acc_torch_dtype(q.dtype), device=q.device)
     args = (q, k, v, o, lse, *_strides(q, k, v, o), H, Tq, Tk, sm_scale * LOG2E)
     _launch(_attention_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(Tq, bm), B * H), args,
             dict(CAUSAL=causal, HEAD_D=D, **_dot_options(q.dtype)), Tq, Tk)
@@ -432,17 +433,18 @@ def _attention_bwd(do, q, k, v, o, lse, causal, sm_scale):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     do = do.to(q.dtype)
-    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    delta = torch.empty((B, H, Tq), dtype=acc_torch_dtype(q.dtype), device=q.device)
     _attention_bwd_delta_kernel[(triton.cdiv(Tq, DELTA_BLOCK_M), B * H)](
-        o, do, delta, *_strides(o, do), H, Tq, HEAD_D=D, BLOCK_M=DELTA_BLOCK_M)
+        o, do, delta, *_strides(o, do), H, Tq, HEAD_D=D, ACC=acc_dtype(q.dtype), BLOCK_M=DELTA_BLOCK_M)
     dq = _empty_bthd(B, H, Tq, D, q)
     dk = _empty_bthd(B, H, Tk, D, k)
     dv = _empty_bthd(B, H, Tk, D, v)
     scales = (H, Tq, Tk, sm_scale * LOG2E, sm_scale)
     options = dict(CAUSAL=causal, HEAD_D=D, **_dot_options(q.dtype))
-    # EVEN_M is fixed per launch (not per autotuned BLOCK_M): it holds when Tq is a multiple of
-    # every query tile any config uses.
-    even_m = Tq % 128 == 0 if not interpreting() else Tq % INTERPRET_CONFIG["dkdv"][0] == 0
+    # EVEN_M is fixed per launch, before autotuning picks BLOCK_M: it holds when Tq is a multiple
+    # of every query tile a dK/dV config may use.
+    configs = [INTERPRET_CONFIG["dkdv"]] if interpreting() else cuda_configs("dkdv", D, q.dtype)
+    even_m = all(Tq % bm == 0 for bm, *_ in configs)
     _launch(_attention_bwd_dkdv_kernel, "dkdv", lambda bm, bn: (triton.cdiv(Tk, bn), B * H),
             (q, k, v, do, lse, delta, dk, dv, *_strides(q, k, v, do, dk), *scales),
             dict(options, EVEN_M=even_m), Tq, Tk)
@@ -462,7 +464,7 @@ def flash_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
 @flash_attention_fwd_op.register_fake
 def _(q, k, v, causal, sm_scale):
     B, H, Tq, D = q.shape
-    return _empty_bthd(B, H, Tq, D, q), q.new_empty((B, H, Tq), dtype=torch.float32)
+    return _empty_bthd(B, H, Tq, D, q), q.new_empty((B, H, Tq), dtype=acc_torch_dtype(q.dtype))
 
 
 @torch.library.custom_op("tritongpt::flash_attention_bwd", mutates_args=())
@@ -532,7 +534,7 @@ def _check_inputs(q, k, v, causal, sm_scale):
 def flash_attention(q, k, v, causal=True, sm_scale=None):
     """Attention in Triton: F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=sm_scale).
 
-    q: (B, H, Tq, D); k, v: (B, H, Tk, D); one dtype (fp16, bf16 or fp32), D in {16, 32, 64, 128},
+    q: (B, H, Tq, D); k, v: (B, H, Tk, D); one dtype (fp16, bf16, fp32 or fp64), D in {16, 32, 64, 128},
     any strides (no copies). sm_scale defaults to 1 / sqrt(D). With causal=True and Tq != Tk the
     mask is aligned to the end: query i sees the keys j <= i + Tk - Tq (SDPA aligns it to the
     start); a query that sees no key (only possible when Tq > Tk) gets 0, not nan, and no gradient.

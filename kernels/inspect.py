@@ -145,7 +145,7 @@ def _attention_launch(at, kind, D, dtype, pointers, strided):
     args.update(H=ATTN_H, Tq=ATTN_T, Tk=ATTN_T, qk_scale="fp32")
     if kind != "fwd":
         args["sm_scale"] = "fp32"
-    constexprs = dict(CAUSAL=True, HEAD_D=D, UPCAST=False, PREC="tf32", BLOCK_M=bm, BLOCK_N=bn)
+    constexprs = dict(CAUSAL=True, HEAD_D=D, UPCAST=False, PREC="tf32", ACC=_tl().float32, BLOCK_M=bm, BLOCK_N=bn)
     if kind == "dkdv":
         constexprs["EVEN_M"] = True
     return Launch(args=args, constexprs=constexprs, num_warps=warps, num_stages=stages)
@@ -179,7 +179,7 @@ def _attention_bwd_delta(at, D, dtype):
     args = dict(O=p, DO=p, Delta="*fp32", H=ATTN_H, Tq=ATTN_T)
     for prefix in ("stride_o", "stride_do"):
         args.update(zip((f"{prefix}b", f"{prefix}h", f"{prefix}m", f"{prefix}d"), out))
-    return Launch(args=args, constexprs=dict(HEAD_D=D, BLOCK_M=at.DELTA_BLOCK_M), num_warps=4)
+    return Launch(args=args, constexprs=dict(HEAD_D=D, ACC=_tl().float32, BLOCK_M=at.DELTA_BLOCK_M), num_warps=4)
 
 
 def kernel_table():

@@ -137,6 +137,13 @@ def test_sm_scale(device):
     _check(q, k, v, torch.randn(1, 2, 21, 32, device=device).half(), causal=True, sm_scale=0.3)
 
 
+@pytest.mark.parametrize("causal,Tq,Tk", [(True, 3, 6), (False, 4, 7)])
+def test_gradcheck_float64(causal, Tq, Tk, device):
+    """fast_mode: random projections of the Jacobian (a full one costs minutes in the interpreter)."""
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, Tq, Tk, 16, torch.float64, device))
+    assert torch.autograd.gradcheck(lambda *a: flash_attention(*a, causal=causal), (q, k, v), fast_mode=True)
+
+
 def test_backward_is_deterministic(device):
     q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 70, 70, 32, torch.float16, device))
     do = torch.randn(1, 2, 70, 32, device=device).half()
@@ -161,8 +168,8 @@ def test_inputs_are_not_modified(device):
 def _bad_inputs(device):
     q = torch.randn(1, 2, 8, 32, device=device)
     return [
-        ("q", dict(q=q.double())),  # fp64 unsupported
         ("k", dict(k=q.half())),  # mixed dtypes
+        ("v", dict(v=q.double())),
         ("q", dict(q=q[0])),  # wrong rank
         ("q", dict(q=q[..., :24], k=q[..., :24], v=q[..., :24])),  # head dim 24
         ("k", dict(k=q[..., :16])),  # head dims differ
