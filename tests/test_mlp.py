@@ -181,7 +181,7 @@ def test_torch_compile_fullgraph(device):
 @pytest.fixture
 def no_launch(monkeypatch):
     """Fails the test if any MLP kernel is launched."""
-    forbid_launches(monkeypatch, mlp_module, "_mlp_fwd_tuned", "_mlp_bwd_tuned")
+    forbid_launches(monkeypatch, mlp_module, "_mlp_fwd_tuned", "_mlp_fwd_gelu_tuned", "_mlp_bwd_tuned")
 
 
 @pytest.mark.parametrize("case, error, words", [
