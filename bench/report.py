@@ -104,6 +104,8 @@ def _file_header(data):
              f"driver {meta.get('driver')}", f"commit {(meta.get('commit') or 'unknown')[:12]}"]
     if meta.get("copy_gbps"):
         facts.append(f"measured copy bandwidth {meta['copy_gbps']:.0f} GB/s")
+    if meta.get("matmul_tflops"):
+        facts.append(f"measured bf16 matmul {meta['matmul_tflops']:.0f} TFLOP/s")
     lines = [title, ""]
     if data.get("path"):
         lines.append(f"File `{Path(data['path']).name}`.")
