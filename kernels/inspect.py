@@ -139,7 +139,7 @@ def _mlp_constexprs(mlp, config, dtype):
 
 def _mlp_fwd(mlp, kind, C, tune, dtype):
     """_mlp_fwd_kernel in one of its three uses, at autotune config number `tune` of that use's list."""
-    config = mlp.autotune_configs(epilogue=kind == "fc")[tune]
+    config = mlp.gpu_configs(epilogue=kind == "fc")[tune]
     M, N, K = _mlp_shapes(kind, C)
     p = "*" + dtype
     dw = kind == "dw"
@@ -157,7 +157,7 @@ def _mlp_fwd(mlp, kind, C, tune, dtype):
 
 
 def _mlp_bwd(mlp, C, tune, dtype):
-    config = mlp.autotune_configs(epilogue=True)[tune]
+    config = mlp.gpu_configs(epilogue=True)[tune]
     M, N, K = _mlp_shapes("bwd", C)
     p = "*" + dtype
     return Launch(
@@ -172,7 +172,7 @@ def _mlp_configs(kinds):
     fc and bwd have a GELU epilogue and their own list."""
     configs = []
     for kind in kinds:
-        n = len(_module("mlp").autotune_configs(epilogue=kind in ("fc", "bwd")))
+        n = len(_module("mlp").gpu_configs(epilogue=kind in ("fc", "bwd")))
         kind_param = {} if kind == "bwd" else {"kind": kind}
         configs += [Config(f"{kind} C=768 tune{i} bf16", {**kind_param, "C": 768, "tune": i, "dtype": "bf16"}, True)
                     for i in range(n)]

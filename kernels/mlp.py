@@ -46,14 +46,12 @@ MIN_K_PER_SPLIT = 1024
 MAX_SPLIT = 8
 
 
-def autotune_configs(epilogue=False):
-    """The autotune list as dicts: H100-pruned on GPU, one small config in the interpreter.
+def gpu_configs(epilogue=False):
+    """The autotune list on GPU (pruned for H100), as dicts; kernels.inspect compiles every entry.
 
     epilogue=True is the list for the kernels with a GELU (or GELU') epilogue: only tiles with 64
     fp32 accumulators per thread, since at 128 per thread that epilogue spills (kernels.inspect).
     """
-    if interpreting():
-        return [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=1)]
     if epilogue:
         return [
             dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
@@ -66,6 +64,13 @@ def autotune_configs(epilogue=False):
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
     ]
+
+
+def autotune_configs(epilogue=False):
+    """The configs the launchers autotune over: gpu_configs, or one small config in the interpreter."""
+    if interpreting():
+        return [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=1)]
+    return gpu_configs(epilogue)
 
 
 def _triton_configs(epilogue=False):
