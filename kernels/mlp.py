@@ -44,6 +44,9 @@ APPROXIMATIONS = ("tanh", "none")
 # Split K only when each split gets at least this many rows, and at most MAX_SPLIT ways.
 MIN_K_PER_SPLIT = 1024
 MAX_SPLIT = 8
+# Shared memory the pipelined A and B tiles may take (A100 allows 163 KB per block, H100 227 KB).
+SMEM_BUDGET = 160 * 1024
+_FALLBACK = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8)  # when no config fits the budget
 
 
 def gpu_configs(epilogue=False):
@@ -73,10 +76,24 @@ def autotune_configs(epilogue=False):
     return gpu_configs(epilogue)
 
 
-def _triton_configs(epilogue=False):
+def _triton_configs(configs):
     return [triton.Config({k: c[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")},
                           num_warps=c["num_warps"], num_stages=c["num_stages"])
-            for c in autotune_configs(epilogue)]
+            for c in configs]
+
+
+def _fit_shared_memory(configs, named_args, **kwargs):
+    """Autotune pruning: the lists are sized for 16-bit tiles; with fp32 or fp64 operands a config
+    keeps fewer pipeline stages (down to 1) so its A and B tiles fit SMEM_BUDGET, or is dropped."""
+    itemsize = named_args[next(iter(named_args))].element_size()  # the first argument is A
+    fitted = []
+    for config in configs:
+        kw = config.kwargs
+        stage_bytes = (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * itemsize
+        stages = min(config.num_stages, SMEM_BUDGET // stage_bytes)
+        if stages >= 1:
+            fitted.append(triton.Config(kw, num_warps=config.num_warps, num_stages=stages))
+    return fitted or [triton.Config(dict(_FALLBACK), num_warps=4, num_stages=1)]
 
 
 # ---------------------------------------------------------------- GELU and its derivative
@@ -208,13 +225,17 @@ def _mlp_bwd_kernel(
 
 
 # Two autotuners over one kernel: the plain matmuls (proj, dx, weight gradients) and fc with its GELU.
-_mlp_fwd_tuned = triton.autotune(configs=_triton_configs(), key=["M", "N", "K"])(_mlp_fwd_kernel)
-_mlp_fwd_gelu_tuned = triton.autotune(configs=_triton_configs(epilogue=True), key=["M", "N", "K", "STORE_PRE"])(
-    _mlp_fwd_kernel)
+# The tuning key includes the tensors' dtypes (Triton adds them), so each dtype is pruned and tuned.
+_PRUNE = {"early_config_prune": _fit_shared_memory}
+_PLAIN_CONFIGS = _triton_configs(autotune_configs())
+_EPILOGUE_CONFIGS = _triton_configs(autotune_configs(epilogue=True))
+_mlp_fwd_tuned = triton.autotune(_PLAIN_CONFIGS, key=["M", "N", "K"], prune_configs_by=_PRUNE)(_mlp_fwd_kernel)
+_mlp_fwd_gelu_tuned = triton.autotune(_EPILOGUE_CONFIGS, key=["M", "N", "K", "STORE_PRE"],
+                                      prune_configs_by=_PRUNE)(_mlp_fwd_kernel)
 # reset_to_zero: configs of different BLOCK_M fill different rows of DBp; rows a benchmarked config
 # wrote and the chosen one does not would otherwise enter the sum
-_mlp_bwd_tuned = triton.autotune(configs=_triton_configs(epilogue=True), key=["M", "N", "K", "NEED_DB"],
-                                 reset_to_zero=["DBp"])(_mlp_bwd_kernel)
+_mlp_bwd_tuned = triton.autotune(_EPILOGUE_CONFIGS, key=["M", "N", "K", "NEED_DB"], reset_to_zero=["DBp"],
+                                 prune_configs_by=_PRUNE)(_mlp_bwd_kernel)
 
 
 # ---------------------------------------------------------------- launchers
@@ -279,7 +300,7 @@ def _gelu_grad_matmul(dy, w2, pre, approximate, need_db):
     M, K = dy.shape
     N = w2.shape[1]
     dpre = torch.empty((M, N), dtype=pre.dtype, device=pre.device)
-    max_tiles_m = triton.cdiv(M, min(c["BLOCK_M"] for c in autotune_configs(epilogue=True)))
+    max_tiles_m = triton.cdiv(M, min(c["BLOCK_M"] for c in autotune_configs(epilogue=True) + [_FALLBACK]))
     # zeros: autotuned configs with larger BLOCK_M fill fewer rows; the rest must add nothing
     db_part = torch.zeros((max_tiles_m, N), dtype=acc_torch_dtype(pre.dtype), device=pre.device) \
         if need_db else None
