@@ -1,6 +1,18 @@
-"""Benchmarks: one script per op (bench_<op>.py), shared plumbing in harness.py, rendering in report.py.
+"""Benchmarks: one module per op (bench_<op>.py), the end-to-end training step (bench_model.py),
+shared plumbing and the module protocol in harness.py, rendering in report.py.
 
-Each script times every provider side by side in one run and writes one JSON file under
-bench/results/ in the format of DESIGN.md; `python -m bench.report` turns the files into markdown
-tables and PNG plots. Without a CUDA GPU every script prints why it skipped and exits 0.
+    python -m bench [--quick] [--only OPS] [--no-compile] [--out-dir DIR]   # everything, one file
+    python bench/bench_layer_norm.py [--quick] ...                           # one module alone
+    python -m bench.report                                                  # results -> REPORT.md + PNGs
+    python -m bench.readme_table                                            # results -> README's table
+    pytest bench --benchmark-only                                           # op cases, pytest-benchmark
+    bash bench/validate_gpu.sh [OUT_DIR]                                    # CUDA tests + quick suite
+
+Every bench_<name>.py follows one protocol (details in harness.py's docstring): it defines
+`OPS` (the op names of its rows), `collect(args) -> (rows, meta_extra)` (measure on CUDA, write
+nothing), optionally `cases(args)` (for `pytest bench --benchmark-only`), and
+`main(argv=None)`, which is just `harness.bench_main(sys.modules[__name__], argv)`. `python -m
+bench` discovers the modules by name and runs them all in one process; each module still runs
+alone as a script. Results are JSON files under bench/results/ in the format of DESIGN.md.
+Without a CUDA GPU every entry point prints why it skipped and exits 0.
 """

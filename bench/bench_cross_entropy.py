@@ -23,6 +23,7 @@ writes their gradient; fwd_bwd both. TFLOP/s (linear_cross_entropy) counts the m
 for fwd, 4*N*C*V for bwd, 6*N*C*V for fwd_bwd, whatever a provider really does. Peak memory:
 harness.peak_memory_mb, what one call allocates beyond its inputs. A provider that cannot run
 (Liger not installed, torch.compile failing) is reported in meta["skipped"]; the run goes on.
+The module follows the benchmark protocol of bench/harness.py (OPS, collect, cases, main).
 """
 import sys
 from pathlib import Path
@@ -34,6 +35,7 @@ import torch  # noqa: E402
 
 from bench import harness  # noqa: E402
 
+OPS = ("cross_entropy", "linear_cross_entropy")
 ROWS = (4096, 16384, 32768)
 QUICK_ROWS = (16384,)
 V = 50257
@@ -135,23 +137,40 @@ def run(op, row_counts, fns, skipped, warmup, rep, device="cuda"):
     return rows
 
 
-def main(argv=None):
-    args = harness.arg_parser(__doc__.splitlines()[0]).parse_args(argv)
-    if not harness.require_cuda("bench_cross_entropy"):
-        return 0
-    from bench.report import render_markdown
-
+def collect(args):
+    """The benchmark protocol (bench/harness.py): (rows, meta_extra) of one run on CUDA."""
     warmup, rep = (5, 20) if args.quick else (25, 100)
     rows, skipped = [], {}
-    for op in ("cross_entropy", "linear_cross_entropy"):
+    for op in OPS:
+        if not harness.wants(args, op):
+            continue
         fns, op_skipped = providers(op, args.no_compile)
         skipped.update({f"{op}:{k}": v for k, v in op_skipped.items()})
         rows += run(op, QUICK_ROWS if args.quick else ROWS, fns, skipped, warmup, rep)
-    meta = dict(harness.machine_meta(), skipped=skipped)
-    path = harness.write_results(rows, meta, args.out_dir, name="cross_entropy")
-    print(render_markdown([dict(harness.load_results(path), path=str(path))]))
-    print(f"wrote {path}")
-    return 0
+    return rows, {"skipped": skipped}
+
+
+def cases(args):
+    """The protocol's pytest-benchmark cases: (id, setup) per op, N, provider and mode."""
+    for op in OPS:
+        if not harness.wants(args, op):
+            continue
+        fns, _ = providers(op, args.no_compile)
+        for N in QUICK_ROWS if args.quick else ROWS:
+            for name, fn in fns.items():
+                for mode in MODES:
+                    yield f"{op}-N{N}-{name}-{mode}", _case_setup(op, fn, mode, N)
+
+
+def _case_setup(op, fn, mode, N):
+    def setup():
+        tensors, targets = make_inputs(op, N)
+        return runner(fn, mode, tensors, targets), tensors
+    return setup
+
+
+def main(argv=None):
+    return harness.bench_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

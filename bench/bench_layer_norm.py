@@ -24,7 +24,8 @@ Peak memory: harness.peak_memory_mb, i.e. what one call allocates beyond its inp
 the saved forward graph too).
 
 A provider that cannot run (Liger not installed, torch.compile failing) is reported in
-meta["skipped"] and left out of the rows; the run goes on.
+meta["skipped"] (as "layer_norm:<provider>") and left out of the rows; the run goes on. The module
+follows the benchmark protocol of bench/harness.py (OPS, collect, cases, main).
 """
 import sys
 from pathlib import Path
@@ -37,6 +38,7 @@ import torch  # noqa: E402
 from bench import harness  # noqa: E402
 
 OP = "layer_norm"
+OPS = (OP,)
 ROWS = 16384
 WIDTHS = (768, 1024, 1600, 4096)
 QUICK_WIDTHS = (768, 4096)
@@ -103,7 +105,7 @@ def run(widths, fns, skipped, copy_gbps, warmup, rep, device="cuda"):
     for C in widths:
         inputs = make_inputs(C, device)
         results = harness.measure_providers(fns, MODES, measure, (inputs, warmup, rep), skipped, OPTIONAL,
-                                            f"C={C}")
+                                            f"C={C}", prefix=f"{OP}:")
         for name, mode, (timing, mem) in results:
             nbytes = layer_norm_bytes(ROWS, C, mode, inputs[0].element_size())
             rate = harness.gbps(nbytes, timing["ms"])
@@ -113,22 +115,39 @@ def run(widths, fns, skipped, copy_gbps, warmup, rep, device="cuda"):
     return rows
 
 
-def main(argv=None):
-    args = harness.arg_parser(__doc__.splitlines()[0]).parse_args(argv)
-    if not harness.require_cuda("bench_layer_norm"):
-        return 0
-    from bench.report import render_markdown
+def _prefixed(skipped):
+    return {f"{OP}:{name}": why for name, why in skipped.items()}
 
+
+def collect(args):
+    """The benchmark protocol (bench/harness.py): (rows, meta_extra) of one run on CUDA."""
     fns, skipped = providers(args.no_compile)
+    skipped = _prefixed(skipped)
     warmup, rep = (5, 20) if args.quick else (25, 100)
     copy_gbps = harness.copy_bandwidth_gbps("cuda")
     print(f"measured copy bandwidth: {copy_gbps:.0f} GB/s")
     rows = run(QUICK_WIDTHS if args.quick else WIDTHS, fns, skipped, copy_gbps, warmup, rep)
-    meta = dict(harness.machine_meta(), copy_gbps=round(copy_gbps, 1), skipped=skipped)
-    path = harness.write_results(rows, meta, args.out_dir)
-    print(render_markdown([dict(harness.load_results(path), path=str(path))]))
-    print(f"wrote {path}")
-    return 0
+    return rows, {"copy_gbps": round(copy_gbps, 1), "skipped": skipped}
+
+
+def cases(args):
+    """The protocol's pytest-benchmark cases: (id, setup) per width, provider and mode."""
+    fns, _ = providers(args.no_compile)
+    for C in QUICK_WIDTHS if args.quick else WIDTHS:
+        for name, fn in fns.items():
+            for mode in MODES:
+                yield f"{OP}-C{C}-{name}-{mode}", _case_setup(fn, mode, C)
+
+
+def _case_setup(fn, mode, C):
+    def setup():
+        x, w, b, dy = make_inputs(C)
+        return runner(fn, mode, x, w, b, dy), [x, w, b]
+    return setup
+
+
+def main(argv=None):
+    return harness.bench_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

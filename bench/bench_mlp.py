@@ -23,12 +23,14 @@ the bias adds, O(N*H), are not counted), with N rows, C the width and H = 4C:
   fwd:     x W1^T and g W2^T                                  2 * 2*N*C*H = 4*N*C*H
   bwd:     dg = dy W2, dx = dh W1, dW1 = dh^T x, dW2 = dy^T g   4 * 2*N*C*H = 8*N*C*H
   fwd_bwd: the sum                                                          12*N*C*H
-`ceiling_frac` is that TFLOP/s over the measured bf16 matmul ceiling (torch.mm of two 8192 x 8192
-bf16 matrices, stored as meta["matmul_tflops"]). Peak memory: harness.peak_memory_mb, what one
-call allocates beyond its inputs (for bwd, beyond the saved forward graph too).
+`ceiling_frac` is that TFLOP/s over the measured bf16 matmul ceiling (harness.matmul_tflops: one
+8192 x 8192 x 8192 bf16 matmul, stored as meta["matmul_tflops"]). Peak memory:
+harness.peak_memory_mb, what one call allocates beyond its inputs (for bwd, beyond the saved
+forward graph too).
 
-A provider that cannot run (torch.compile failing) is reported in meta["skipped"] and left out of
-the rows; the run goes on.
+A provider that cannot run (torch.compile failing) is reported in meta["skipped"] (as
+"mlp:<provider>") and left out of the rows; the run goes on. The module follows the benchmark
+protocol of bench/harness.py (OPS, collect, cases, main).
 """
 import sys
 from pathlib import Path
@@ -41,29 +43,19 @@ import torch  # noqa: E402
 from bench import harness  # noqa: E402
 
 OP = "mlp"
+OPS = (OP,)
 ROWS = 16384
 WIDTHS = (768, 1024, 1280, 1600)
 QUICK_WIDTHS = (768,)
 MODES = ("fwd", "bwd", "fwd_bwd")
 DTYPE = torch.bfloat16
 OPTIONAL = ("torch_compile",)  # providers whose failure skips them instead of stopping the run
-CEILING_N = 8192  # the square bf16 matmul that measures the ceiling
 
 
 def mlp_flops(rows, C, mode, hidden=None):
     """The matmul FLOPs of one MLP call of `mode` (see the module docstring); hidden defaults to 4C."""
     H = 4 * C if hidden is None else hidden
     return {"fwd": 4, "bwd": 8, "fwd_bwd": 12}[mode] * rows * C * H
-
-
-def matmul_ceiling_tflops(device="cuda", n=CEILING_N):
-    """TFLOP/s of one n x n x n bf16 torch.mm: the measured ceiling for ceiling_frac."""
-    a = torch.randn(n, n, device=device, dtype=DTYPE)
-    b = torch.randn(n, n, device=device, dtype=DTYPE)
-    timing = harness.time_ms(lambda: torch.mm(a, b))
-    del a, b
-    torch.cuda.empty_cache()
-    return harness.tflops(2 * n**3, timing["ms"])
 
 
 def providers(no_compile=False):
@@ -112,7 +104,7 @@ def run(widths, fns, skipped, ceiling_tflops, warmup, rep, device="cuda"):
     for C in widths:
         inputs = make_inputs(C, device)
         results = harness.measure_providers(fns, MODES, measure, (inputs, warmup, rep), skipped, OPTIONAL,
-                                            f"C={C}")
+                                            f"C={C}", prefix=f"{OP}:")
         for name, mode, (timing, mem) in results:
             rate = harness.tflops(mlp_flops(ROWS, C, mode), timing["ms"])
             rows.append(harness.make_row(OP, name, mode, DTYPE, {"rows": ROWS, "C": C, "H": 4 * C}, timing,
@@ -121,22 +113,39 @@ def run(widths, fns, skipped, ceiling_tflops, warmup, rep, device="cuda"):
     return rows
 
 
-def main(argv=None):
-    args = harness.arg_parser(__doc__.splitlines()[0]).parse_args(argv)
-    if not harness.require_cuda("bench_mlp"):
-        return 0
-    from bench.report import render_markdown
+def _prefixed(skipped):
+    return {f"{OP}:{name}": why for name, why in skipped.items()}
 
+
+def collect(args):
+    """The benchmark protocol (bench/harness.py): (rows, meta_extra) of one run on CUDA."""
     fns, skipped = providers(args.no_compile)
+    skipped = _prefixed(skipped)
     warmup, rep = (5, 20) if args.quick else (25, 100)
-    ceiling = matmul_ceiling_tflops("cuda")
+    ceiling = harness.matmul_tflops("cuda")
     print(f"measured bf16 matmul ceiling: {ceiling:.0f} TFLOP/s")
     rows = run(QUICK_WIDTHS if args.quick else WIDTHS, fns, skipped, ceiling, warmup, rep)
-    meta = dict(harness.machine_meta(), matmul_tflops=round(ceiling, 1), skipped=skipped)
-    path = harness.write_results(rows, meta, args.out_dir)
-    print(render_markdown([dict(harness.load_results(path), path=str(path))]))
-    print(f"wrote {path}")
-    return 0
+    return rows, {"matmul_tflops": round(ceiling, 1), "skipped": skipped}
+
+
+def cases(args):
+    """The protocol's pytest-benchmark cases: (id, setup) per width, provider and mode."""
+    fns, _ = providers(args.no_compile)
+    for C in QUICK_WIDTHS if args.quick else WIDTHS:
+        for name, fn in fns.items():
+            for mode in MODES:
+                yield f"{OP}-C{C}-{name}-{mode}", _case_setup(fn, mode, C)
+
+
+def _case_setup(fn, mode, C):
+    def setup():
+        inputs = make_inputs(C)
+        return runner(fn, mode, *inputs), list(inputs[:5])
+    return setup
+
+
+def main(argv=None):
+    return harness.bench_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

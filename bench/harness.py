@@ -1,4 +1,29 @@
-"""Shared plumbing for the op benchmarks: timing, memory, throughput, machine metadata, results files.
+"""Shared plumbing for the benchmarks: timing, memory, throughput, machine metadata, results files,
+and the one protocol every benchmark module follows.
+
+The protocol. `python -m bench` runs every module `bench/bench_<name>.py` that has:
+
+    OPS = ("layer_norm",)            # the DESIGN.md op names its rows carry (for --only)
+    def collect(args): ...           # -> (rows, meta_extra); runs on CUDA only, writes nothing
+    def main(argv=None):             # the script entry point, the same for every module:
+        return harness.bench_main(sys.modules[__name__], argv)
+
+- args is the namespace of `arg_parser()`: args.quick, args.no_compile, args.out_dir and
+  args.only (a tuple of op names, or None for all); `wants(args, op)` says whether to run an op.
+  Under the suite args.progress is also set: a long module may call args.progress(rows so far,
+  meta_extra so far) (find it with `getattr(args, "progress", None)`), and the suite saves them,
+  so a run cut short keeps them.
+- rows: `make_row` dicts. meta_extra: a dict merged into the results file's meta (for example
+  copy_gbps); its "skipped" entry maps "<op>:<provider>" to why that provider did not run.
+- Optional, for `pytest bench --benchmark-only` (bench/test_benchmarks.py):
+  `cases(args)` yields (case_id, setup) where setup() builds the inputs and returns (fn, leaves):
+  fn is the callable to time, leaves the tensors whose .grad is set to None before each run.
+  A module without `cases` is simply not part of the pytest-benchmark run.
+
+`bench_main` parses the shared flags, skips with a message (exit 0) without CUDA, calls collect,
+writes one results file named after the module (bench_cross_entropy.py -> cross_entropy-...json)
+and prints the rendered tables. The suite (bench/__main__.py) calls collect of every module in one
+process, merges the rows and metas into one file, and renders the report.
 
 Timing uses `triton.testing.do_bench` (median and 20th/80th percentiles of many runs). In the Triton
 versions this project supports (3.6 on the GPU machine, 3.9 on CI) do_bench zeroes a 256 MB
@@ -9,12 +34,15 @@ no input rotation is needed.
 
 A results file is {"meta": {...}, "rows": [...]} with the keys DESIGN.md lists (META_KEYS, ROW_KEYS);
 `make_row` builds a row and checks it, `write_results` / `load_results` write and read a file and
-check every row again. Extra keys are allowed on rows (ceiling_frac, tokens_per_s, mfu) and in meta
-(copy_gbps, skipped).
+check every row again. Extra keys are allowed on rows (ceiling_frac, tokens_per_s, mfu, kernels)
+and in meta (copy_gbps, matmul_tflops, skipped, and bench_model's max_batch, batch_search,
+peak_tflops).
 """
 import argparse
+import functools
 import json
 import math
+import os
 import re
 import shlex
 import shutil
@@ -33,6 +61,7 @@ PROVIDERS = ("triton", "torch", "torch_compile", "sdpa_flash", "sdpa_cudnn", "sd
 MODES = ("fwd", "bwd", "fwd_bwd")
 # The kernels a train_step row may name as "triton:<kernel>[,<kernel>...]" (GPTConfig.kernels names).
 MODEL_KERNELS = ("layer_norm", "attention", "mlp", "cross_entropy")
+COMPILE_SUFFIX = "+compile"  # a train_step provider compiled with torch.compile
 TRAIN_STEP_KEYS = ("tokens_per_s", "mfu")
 NUMERIC_KEYS = ("gbps", "tflops", "peak_mem_mb", "ceiling_frac") + TRAIN_STEP_KEYS
 
@@ -99,15 +128,35 @@ def tflops(flops, ms):
     return flops / ms / 1e9
 
 
+@functools.lru_cache(maxsize=None)
 def copy_bandwidth_gbps(device="cuda", nbytes=2**30):
     """The measured bandwidth ceiling: GB/s of a device-to-device copy of nbytes (1 GiB),
-    counting the bytes read plus the bytes written."""
+    counting the bytes read plus the bytes written. Cached per process and arguments, so every
+    benchmark of a suite run divides by the number that its meta records."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     timing = time_ms(lambda: dst.copy_(src))
     del src, dst
     torch.cuda.empty_cache()
     return gbps(2 * nbytes, timing["ms"])
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_tflops(device="cuda", n=8192, dtype=torch.bfloat16):
+    """The measured compute ceiling: TFLOP/s of one n x n x n matmul in dtype (bf16), measured
+    once per process (cached)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    timing = time_ms(lambda: a @ b)
+    del a, b
+    torch.cuda.empty_cache()
+    return tflops(2 * n**3, timing["ms"])
+
+
+def error_summary(e):
+    """'RuntimeError: <first line of the message>' (200 characters at most), for meta["skipped"]."""
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {first}"
 
 
 def measure_providers(fns, modes, measure, args, skipped, optional, where, prefix=""):
@@ -124,8 +173,7 @@ def measure_providers(fns, modes, measure, args, skipped, optional, where, prefi
             except Exception as e:  # noqa: BLE001  (an optional provider's failure is data)
                 if name not in optional:
                     raise
-                first = (str(e).strip().splitlines() or [""])[0][:200]
-                skipped[prefix + name] = f"failed at {where} {mode}: {type(e).__name__}: {first}"
+                skipped[prefix + name] = f"failed at {where} {mode}: {error_summary(e)}"
                 print(f"{prefix}{name}: skipped, {skipped[prefix + name]}")
                 del fns[name]
                 break
@@ -178,7 +226,9 @@ def machine_meta(command=None):
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
-        "commit": _command_output(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"]),
+        # a copy of the tree without .git (a GPU machine's) can name its commit in TRITONGPT_COMMIT
+        "commit": (os.environ.get("TRITONGPT_COMMIT")
+                   or _command_output(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"])),
         "date": utc_now(),
         "command": command,
     }
@@ -198,13 +248,17 @@ def _check_provider(op, provider):
     if provider in PROVIDERS:
         return
     if op == "train_step":
-        if provider == "triton+compile":
+        # the model's own providers: triton+compile (every kernel, compiled) and
+        # triton:<kernel>[,<kernel>...] (those kernels on), eager or with a "+compile" suffix
+        name = provider[:-len(COMPILE_SUFFIX)] if provider.endswith(COMPILE_SUFFIX) else provider
+        if name == "triton" and name != provider:
             return
-        kernels = provider.split(":", 1)[1].split(",") if provider.startswith("triton:") else []
+        kernels = name.split(":", 1)[1].split(",") if name.startswith("triton:") else []
         if kernels and all(k in MODEL_KERNELS for k in kernels):
             return
     raise ValueError(f"provider must be one of {PROVIDERS} (train_step rows also 'triton+compile' or "
-                     f"'triton:<kernel>[,<kernel>]' with kernels from {MODEL_KERNELS}), got {provider!r}")
+                     f"'triton:<kernel>[,<kernel>][+compile]' with kernels from {MODEL_KERNELS}), "
+                     f"got {provider!r}")
 
 
 def _is_number(v):
@@ -301,19 +355,30 @@ def results_name(rows, meta, name=None):
     return f"{slug(name)}-{slug(meta.get('gpu') or 'cpu')}-{stamp:%Y%m%dT%H%M%S}.json"
 
 
-def write_results(rows, meta, out_dir=RESULTS_DIR, name=None):
-    """Write one results file (one row per line, for readable diffs) and return its path."""
-    data = validate_results({"meta": meta, "rows": list(rows)})
+def new_results_path(rows, meta, out_dir=RESULTS_DIR, name=None):
+    """A path in out_dir (created) named by results_name that no file has yet."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / results_name(data["rows"], meta, name)
-    n = 1
+    base = results_name(rows, meta, name)
+    path, n = out_dir / base, 1
     while path.exists():
         n += 1
-        path = path.with_name(f"{results_name(data['rows'], meta, name)[:-5]}-{n}.json")
-    body = ",\n  ".join(json.dumps(row) for row in data["rows"])
-    path.write_text(f'{{"meta": {json.dumps(meta)},\n "rows": [\n  {body}\n ]}}\n')
+        path = out_dir / f"{base[:-5]}-{n}.json"
     return path
+
+
+def dump_results(path, rows, meta):
+    """Check and write one results file at path (one row per line, for readable diffs), replacing it."""
+    data = validate_results({"meta": meta, "rows": list(rows)})
+    body = ",\n  ".join(json.dumps(row) for row in data["rows"])
+    Path(path).write_text(f'{{"meta": {json.dumps(meta)},\n "rows": [\n  {body}\n ]}}\n')
+    return Path(path)
+
+
+def write_results(rows, meta, out_dir=RESULTS_DIR, name=None):
+    """Write one new results file in out_dir and return its path."""
+    validate_results({"meta": meta, "rows": list(rows)})
+    return dump_results(new_results_path(rows, meta, out_dir, name), rows, meta)
 
 
 def load_results(path):
@@ -326,15 +391,103 @@ def load_results(path):
         raise ValueError(f"{path}: {e}") from None
 
 
-# --- command line ----------------------------------------------------------------------------
+# --- command line and the module protocol ---------------------------------------------------------
+
+def parse_ops(text):
+    """--only's value: "layer_norm,mlp" -> ("layer_norm", "mlp"); ArgumentTypeError for unknown ops."""
+    ops = tuple(dict.fromkeys(op.strip() for op in text.split(",") if op.strip()))
+    unknown = [op for op in ops if op not in OPS]
+    if not ops or unknown:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(OPS)}, got {text!r}")
+    return ops
+
 
 def arg_parser(description):
-    """An ArgumentParser with the flags every benchmark script shares; scripts may add more."""
+    """An ArgumentParser with the flags every benchmark script (and the suite) shares."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out-dir", default=str(RESULTS_DIR),
                         help="where the results JSON goes (default: bench/results)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer shapes and shorter timing, for a smoke run")
     parser.add_argument("--no-compile", action="store_true",
-                        help="skip the torch.compile provider")
+                        help="skip the torch.compile providers")
+    parser.add_argument("--only", type=parse_ops, default=None, metavar="OPS",
+                        help=f"comma-separated ops to run (default: all); ops: {','.join(OPS)}")
     return parser
+
+
+def wants(args, op):
+    """Whether the run asked for `op` (no --only means every op)."""
+    only = getattr(args, "only", None)
+    return not only or op in only
+
+
+def module_name(module):
+    """'bench_layer_norm' for bench/bench_layer_norm.py, whether imported or run as a script."""
+    return Path(module.__file__).stem
+
+
+def merge_meta(meta, extra):
+    """meta updated with a module's meta_extra: "skipped" dicts are merged, other keys added (the
+    first module to set a key keeps it, so one suite file has one copy_gbps)."""
+    for key, value in (extra or {}).items():
+        if key == "skipped":
+            meta.setdefault("skipped", {}).update(value)
+        else:
+            meta.setdefault(key, value)
+    return meta
+
+
+def save_and_show(rows, meta, out_dir, name=None):
+    """Write one results file, print its rendered tables and its path; return the path."""
+    from bench.report import render_markdown
+
+    path = write_results(rows, meta, out_dir, name=name)
+    print(render_markdown([dict(load_results(path), path=str(path))]))
+    print(f"wrote {path}")
+    return path
+
+
+def bench_main(module, argv=None):
+    """The entry point of one benchmark module (see the protocol in the module docstring)."""
+    name = module_name(module)
+    args = arg_parser((module.__doc__ or name).splitlines()[0]).parse_args(argv)
+    if not require_cuda(name):
+        return 0
+    if not any(wants(args, op) for op in module.OPS):
+        print(f"{name}: nothing to run, --only names none of {', '.join(module.OPS)}")
+        return 0
+    rows, meta_extra = module.collect(args)
+    meta = merge_meta(machine_meta(), meta_extra)
+    save_and_show(rows, meta, args.out_dir, name=name.removeprefix("bench_"))
+    return 0
+
+
+# The end-to-end model benchmark runs after the op benchmarks (it is the longest and most likely
+# to run out of memory).
+LAST_MODULES = ("bench_model",)
+
+
+def discover_modules(only=None):
+    """(modules, problems): the bench_<name> modules that follow the protocol, ops first and
+    bench_model last, restricted to those measuring one of `only` (op names) when given; problems
+    maps the module names that could not be used (an import error, no collect or OPS) to why."""
+    import importlib
+    import pkgutil
+
+    names = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])
+                   if m.name.startswith("bench_"))
+    names.sort(key=lambda n: n in LAST_MODULES)
+    modules, problems = [], {}
+    for name in names:
+        try:
+            module = importlib.import_module(f"bench.{name}")
+        except Exception as e:  # noqa: BLE001  (one broken module must not stop the others)
+            problems[name] = f"import failed: {type(e).__name__}: {e}"
+            continue
+        missing = [a for a in ("OPS", "collect") if not hasattr(module, a)]
+        if missing:
+            problems[name] = f"does not follow the protocol (no {' or '.join(missing)}); run it alone"
+        elif not only or set(module.OPS) & set(only):
+            modules.append(module)
+    return modules, problems

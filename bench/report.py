@@ -5,7 +5,9 @@
 With no FILES, every *.json under bench/results/ is rendered. Each file gets a header (GPU,
 versions, date, commit) and, per op, two tables: the median time of every provider with its
 speed-up over PyTorch eager (provider "torch") from the same file, and the throughput, fraction of
-the measured ceiling and peak memory. Plots: speed-up over eager, and GB/s or TFLOP/s, per provider.
+the measured ceiling and peak memory. Plots per op: speed-up over eager, GB/s or TFLOP/s per provider
+against the measured ceiling of the file's meta (copy_gbps, matmul_tflops) when it has one, and
+peak memory.
 """
 import argparse
 import math
@@ -42,13 +44,13 @@ def _ordered(values):
     return list(dict.fromkeys(values))
 
 
-def _providers(rows):
+def ordered_providers(rows):
     """Providers in the fixed DESIGN order first, then any others (train_step) as they appear."""
     seen = _ordered(r["provider"] for r in rows)
     return [p for p in PROVIDERS if p in seen] + [p for p in seen if p not in PROVIDERS]
 
 
-def _groups(rows):
+def group_rows(rows):
     """{(shape label, mode, dtype): {provider: row}}, in the order the rows come."""
     groups = {}
     for r in rows:
@@ -64,18 +66,18 @@ def speedup(by_provider, provider):
     return base["ms"] / row["ms"]
 
 
-def _cell(value, fmt):
+def cell(value, fmt):
     return MISSING if value is None else fmt.format(value)
 
 
-def _table(header, body):
+def markdown_table(header, body):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(cells) + " |" for cells in body]
 
 
 def _op_tables(op, rows):
-    providers = _providers(rows)
-    groups = _groups(rows)
+    providers = ordered_providers(rows)
+    groups = group_rows(rows)
     metrics = [m for m in METRICS if any(r.get(m[0]) is not None for r in rows)]
     head = ["shape", "mode", "dtype"]
     times = head + [c for p in providers
@@ -84,16 +86,16 @@ def _op_tables(op, rows):
     for key, by_p in groups.items():
         cells = list(key)
         for p in providers:
-            cells.append(_cell(by_p.get(p, {}).get("ms"), "{:.4f}"))
+            cells.append(cell(by_p.get(p, {}).get("ms"), "{:.4f}"))
             if p != BASELINE:
-                cells.append(_cell(speedup(by_p, p), "{:.2f}x"))
+                cells.append(cell(speedup(by_p, p), "{:.2f}x"))
         time_body.append(cells)
-        metric_body.append(list(key) + [_cell(by_p.get(p, {}).get(k), fmt)
+        metric_body.append(list(key) + [cell(by_p.get(p, {}).get(k), fmt)
                                         for p in providers for k, _, fmt in metrics])
-    lines = [f"### {op}: median ms, speed-up vs PyTorch eager", ""] + _table(times, time_body)
+    lines = [f"### {op}: median ms, speed-up vs PyTorch eager", ""] + markdown_table(times, time_body)
     if metrics:
         metric_head = head + [f"{p} {title}" for p in providers for _, title, _ in metrics]
-        lines += ["", f"### {op}: throughput and peak memory", ""] + _table(metric_head, metric_body)
+        lines += ["", f"### {op}: throughput and peak memory", ""] + markdown_table(metric_head, metric_body)
     return lines + [""]
 
 
@@ -106,6 +108,8 @@ def _file_header(data):
         facts.append(f"measured copy bandwidth {meta['copy_gbps']:.0f} GB/s")
     if meta.get("matmul_tflops"):
         facts.append(f"measured bf16 matmul {meta['matmul_tflops']:.0f} TFLOP/s")
+    if meta.get("max_batch"):
+        facts.append(f"largest training batch that fits {meta['max_batch']} ({meta.get('batch_search')})")
     lines = [title, ""]
     if data.get("path"):
         lines.append(f"File `{Path(data['path']).name}`.")
@@ -161,10 +165,15 @@ def _bar_chart(path, labels, series, ylabel, title, hline=None):
     return path
 
 
-def _op_plots(op, rows, stem, out_dir):
-    groups = _groups(rows)
+# Throughput key -> the meta key of its measured ceiling, drawn as a dashed line on its plot.
+CEILINGS = {"gbps": "copy_gbps", "tflops": "matmul_tflops"}
+
+
+def _op_plots(op, rows, meta, stem, out_dir):
+    """Speed-up over eager, throughput against the measured ceiling, and peak memory, per provider."""
+    groups = group_rows(rows)
     labels = _plot_labels(groups, rows)
-    providers = _providers(rows)
+    providers = ordered_providers(rows)
     paths = []
     others = [p for p in providers if p != BASELINE]
     if BASELINE in providers and others:
@@ -174,9 +183,15 @@ def _op_plots(op, rows, stem, out_dir):
     for key, title, _ in METRICS:
         if key in THROUGHPUT_KEYS and any(r.get(key) is not None for r in rows):
             series = {p: [by_p.get(p, {}).get(key) for by_p in groups.values()] for p in providers}
+            ceiling = meta.get(CEILINGS.get(key))
+            note = f" (dashed: measured ceiling {ceiling:.0f})" if ceiling else ""
             paths.append(_bar_chart(out_dir / f"{stem}-{op}-{key}.png", labels, series, title,
-                                    f"{op}: {title} per provider"))
+                                    f"{op}: {title} per provider{note}", hline=ceiling))
             break
+    if any(r.get("peak_mem_mb") is not None for r in rows):
+        series = {p: [by_p.get(p, {}).get("peak_mem_mb") for by_p in groups.values()] for p in providers}
+        paths.append(_bar_chart(out_dir / f"{stem}-{op}-peak_mem.png", labels, series, "peak MiB",
+                                f"{op}: peak memory per provider"))
     return paths
 
 
@@ -188,7 +203,7 @@ def render_plots(results, out_dir):
     for i, data in enumerate(results):
         stem = Path(data["path"]).stem if data.get("path") else f"results-{i}"
         for op in _ordered(r["op"] for r in data["rows"]):
-            paths += _op_plots(op, [r for r in data["rows"] if r["op"] == op], stem, out_dir)
+            paths += _op_plots(op, [r for r in data["rows"] if r["op"] == op], data["meta"], stem, out_dir)
     return paths
 
 
