@@ -182,6 +182,62 @@ def _attention_bwd_delta(at, D, dtype):
     return Launch(args=args, constexprs=dict(HEAD_D=D, ACC=_tl().float32, BLOCK_M=at.DELTA_BLOCK_M), num_warps=4)
 
 
+def _mlp_shapes(kind, C):
+    """(M, N, K) of one MLP matmul at GPT-2's rows and width C (hidden 4C), as the launchers run it:
+    fc = x W1^T (+ GELU), proj = g W2^T, dw = dh^T x (weight gradients, K = rows, split over programs),
+    bwd = (dy W2) * gelu'(h)."""
+    H = 4 * C
+    return {"fc": (GPT2_ROWS, H, C), "proj": (GPT2_ROWS, C, H), "dw": (H, C, GPT2_ROWS),
+            "bwd": (GPT2_ROWS, H, C)}[kind]
+
+
+def _mlp_constexprs(mlp, config, dtype):
+    dot = mlp._dot_options({"bf16": _torch().bfloat16, "fp16": _torch().float16}[dtype], _torch().device("cuda"))
+    return dict(dot, **{k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")})
+
+
+def _mlp_fwd(mlp, kind, C, tune, dtype):
+    """_mlp_fwd_kernel in one of its three uses, at autotune config number `tune` of that use's list."""
+    config = mlp.gpu_configs(epilogue=kind == "fc")[tune]
+    M, N, K = _mlp_shapes(kind, C)
+    p = "*" + dtype
+    dw = kind == "dw"
+    # dw splits K (the rows) in two at GPT-2 124M (_split_k on 132 SMs).
+    # fc reads x (M, C) and W1^T (W1 is (H, C)); proj g (M, H) and W2^T; dw dh^T (dh is (rows, H)) and x
+    stride_am, stride_ak = (1, M) if dw else (K, 1)
+    stride_bk, stride_bn = (N, 1) if dw else (1, K)
+    return Launch(
+        args=dict(A=p, B=p, Bias=None if dw else p, Out="*fp32" if dw else p, Pre=p if kind == "fc" else None,
+                  M=M, N=N, K=K, K_PER_SPLIT=K // 2 if dw else K, stride_am=stride_am, stride_ak=stride_ak,
+                  stride_bk=stride_bk, stride_bn=stride_bn, stride_om=N, stride_on=1, stride_os=M * N),
+        constexprs=dict(HAS_BIAS=not dw, GELU=kind == "fc", STORE_PRE=kind == "fc", APPROX_TANH=True,
+                        **_mlp_constexprs(mlp, config, dtype)),
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+
+def _mlp_bwd(mlp, C, tune, dtype):
+    config = mlp.gpu_configs(epilogue=True)[tune]
+    M, N, K = _mlp_shapes("bwd", C)
+    p = "*" + dtype
+    return Launch(
+        args=dict(DY=p, W2=p, Pre=p, DPre=p, DBp="*fp32", M=M, N=N, K=K, stride_dym=K, stride_dyk=1,
+                  stride_wk=N, stride_wn=1, stride_pm=N, stride_pn=1),
+        constexprs=dict(NEED_DB=True, APPROX_TANH=True, **_mlp_constexprs(mlp, config, dtype)),
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+
+def _mlp_configs(kinds):
+    """Every autotune config of kernels.mlp (the GPU's lists) for each use, at GPT-2 124M's shapes.
+    fc and bwd have a GELU epilogue and their own list."""
+    configs = []
+    for kind in kinds:
+        n = len(_module("mlp").gpu_configs(epilogue=kind in ("fc", "bwd")))
+        kind_param = {} if kind == "bwd" else {"kind": kind}
+        configs += [Config(f"{kind} C=768 tune{i} bf16", {**kind_param, "C": 768, "tune": i, "dtype": "bf16"}, True)
+                    for i in range(n)]
+    return tuple(configs)
+
+
 def kernel_table():
     """Every kernel of the project with the configs to compile it at."""
     ln_configs = _width_configs(limits=(8192, _module("layer_norm").MAX_C))
@@ -199,6 +255,8 @@ def kernel_table():
         Kernel("attention", "_attention_bwd_delta_kernel", _attention_bwd_delta, attn_configs),
         Kernel("attention", "_attention_bwd_dkdv_kernel", _attention_bwd_dkdv, attn_configs, uses_mma=True),
         Kernel("attention", "_attention_bwd_dq_kernel", _attention_bwd_dq, attn_configs, uses_mma=True),
+        Kernel("mlp", "_mlp_fwd_kernel", _mlp_fwd, _mlp_configs(("fc", "proj", "dw")), uses_mma=True),
+        Kernel("mlp", "_mlp_bwd_kernel", _mlp_bwd, _mlp_configs(("bwd",)), uses_mma=True),
     ]
 
 
@@ -208,6 +266,11 @@ def kernel_table():
 def _tl():
     import triton.language as tl
     return tl
+
+
+def _torch():
+    import torch
+    return torch
 
 
 def _module(name):
@@ -222,6 +285,8 @@ def specialize(fn, launch):
         value = launch.args.get(name)
         if name in launch.constexprs:
             signature[name] = "constexpr"
+        elif value is None and name in launch.args:  # a None argument (an absent bias): constexpr None
+            signature[name], constexprs[name] = "constexpr", None
         elif isinstance(value, int) and value == 1:
             signature[name], constexprs[name] = "constexpr", 1
         elif isinstance(value, int):

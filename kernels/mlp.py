@@ -44,12 +44,23 @@ APPROXIMATIONS = ("tanh", "none")
 # Split K only when each split gets at least this many rows, and at most MAX_SPLIT ways.
 MIN_K_PER_SPLIT = 1024
 MAX_SPLIT = 8
+# Shared memory the pipelined A and B tiles may take (A100 allows 163 KB per block, H100 227 KB).
+SMEM_BUDGET = 160 * 1024
+_FALLBACK = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8)  # when no config fits the budget
 
 
-def autotune_configs():
-    """The autotune list as dicts: H100-pruned on GPU, one small config in the interpreter."""
-    if interpreting():
-        return [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=1)]
+def gpu_configs(epilogue=False):
+    """The autotune list on GPU (pruned for H100), as dicts; kernels.inspect compiles every entry.
+
+    epilogue=True is the list for the kernels with a GELU (or GELU') epilogue: only tiles with 64
+    fp32 accumulators per thread, since at 128 per thread that epilogue spills (kernels.inspect).
+    """
+    if epilogue:
+        return [
+            dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+            dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+            dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+        ]
     return [
         dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
@@ -58,10 +69,31 @@ def autotune_configs():
     ]
 
 
-def _triton_configs():
+def autotune_configs(epilogue=False):
+    """The configs the launchers autotune over: gpu_configs, or one small config in the interpreter."""
+    if interpreting():
+        return [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=1)]
+    return gpu_configs(epilogue)
+
+
+def _triton_configs(configs):
     return [triton.Config({k: c[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")},
                           num_warps=c["num_warps"], num_stages=c["num_stages"])
-            for c in autotune_configs()]
+            for c in configs]
+
+
+def _fit_shared_memory(configs, named_args, **kwargs):
+    """Autotune pruning: the lists are sized for 16-bit tiles; with fp32 or fp64 operands a config
+    keeps fewer pipeline stages (down to 1) so its A and B tiles fit SMEM_BUDGET, or is dropped."""
+    itemsize = named_args[next(iter(named_args))].element_size()  # the first argument is A
+    fitted = []
+    for config in configs:
+        kw = config.kwargs
+        stage_bytes = (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * itemsize
+        stages = min(config.num_stages, SMEM_BUDGET // stage_bytes)
+        if stages >= 1:
+            fitted.append(triton.Config(kw, num_warps=config.num_warps, num_stages=stages))
+    return fitted or [triton.Config(dict(_FALLBACK), num_warps=4, num_stages=1)]
 
 
 # ---------------------------------------------------------------- GELU and its derivative
@@ -104,10 +136,10 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
-def _matmul_tile(A, B, M, N, k_start, k_end, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
+def _matmul_tile(A, B, M, N, K, k_start, k_end, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
                  ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc[BLOCK_M, BLOCK_N] = A[rows, k_start:k_end] @ B[k_start:k_end, cols] in ACC.
+    """acc[BLOCK_M, BLOCK_N] = A[rows, k_start:k_end] @ B[k_start:k_end, cols] in ACC (k_end <= K).
 
     Rows and columns past M, N wrap around (modulo) instead of being masked: their results are
     never stored, and the loads stay unmasked along M and N. K is masked.
@@ -120,7 +152,9 @@ def _matmul_tile(A, B, M, N, k_start, k_end, stride_am, stride_ak, stride_bk, st
     b_ptrs = B + (k0 + offs_k[:, None]) * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k in range(k_start, k_end, BLOCK_K):
-        k_left = k_end - k
+        # masked against K, not k_end: K - k keeps K's divisibility by 16 (k_end, a minimum, would
+        # not), so the compiler can vectorise the loads along a k-contiguous operand
+        k_left = K - k
         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
         b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         if UPCAST:  # the interpreter's tl.dot is wrong on bf16: compute in fp32 there
@@ -149,7 +183,7 @@ def _mlp_fwd_kernel(
     split = tl.program_id(1)
     k_start = split * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-    acc = _matmul_tile(A, B, M, N, k_start, k_end, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
+    acc = _matmul_tile(A, B, M, N, K, k_start, k_end, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
                        ACC, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -177,7 +211,7 @@ def _mlp_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = _matmul_tile(DY, W2, M, N, 0, K, stride_dym, stride_dyk, stride_wk, stride_wn, pid_m, pid_n,
+    acc = _matmul_tile(DY, W2, M, N, K, 0, K, stride_dym, stride_dyk, stride_wk, stride_wn, pid_m, pid_n,
                        ACC, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -190,12 +224,18 @@ def _mlp_bwd_kernel(
         tl.store(DBp + pid_m * N + cols, tl.sum(tl.where(mask, dh, 0.0), axis=0), mask=cols < N)
 
 
-_mlp_fwd_tuned = triton.autotune(configs=_triton_configs(), key=["M", "N", "K", "GELU", "STORE_PRE"])(
-    _mlp_fwd_kernel)
+# Two autotuners over one kernel: the plain matmuls (proj, dx, weight gradients) and fc with its GELU.
+# The tuning key includes the tensors' dtypes (Triton adds them), so each dtype is pruned and tuned.
+_PRUNE = {"early_config_prune": _fit_shared_memory}
+_PLAIN_CONFIGS = _triton_configs(autotune_configs())
+_EPILOGUE_CONFIGS = _triton_configs(autotune_configs(epilogue=True))
+_mlp_fwd_tuned = triton.autotune(_PLAIN_CONFIGS, key=["M", "N", "K"], prune_configs_by=_PRUNE)(_mlp_fwd_kernel)
+_mlp_fwd_gelu_tuned = triton.autotune(_EPILOGUE_CONFIGS, key=["M", "N", "K", "STORE_PRE"],
+                                      prune_configs_by=_PRUNE)(_mlp_fwd_kernel)
 # reset_to_zero: configs of different BLOCK_M fill different rows of DBp; rows a benchmarked config
 # wrote and the chosen one does not would otherwise enter the sum
-_mlp_bwd_tuned = triton.autotune(configs=_triton_configs(), key=["M", "N", "K", "NEED_DB"],
-                                 reset_to_zero=["DBp"])(_mlp_bwd_kernel)
+_mlp_bwd_tuned = triton.autotune(_EPILOGUE_CONFIGS, key=["M", "N", "K", "NEED_DB"], reset_to_zero=["DBp"],
+                                 prune_configs_by=_PRUNE)(_mlp_bwd_kernel)
 
 
 # ---------------------------------------------------------------- launchers
@@ -239,7 +279,8 @@ def _matmul(a, b, bias=None, gelu=None, store_pre=False, split_ok=False):
     splits, per_split = _split_k(M, N, K, a.device) if split_ok else (1, K)
     out_dtype = acc_torch_dtype(a.dtype) if splits > 1 else a.dtype
     out = torch.empty((splits, M, N), dtype=out_dtype, device=a.device)
-    _mlp_fwd_tuned[_grid(M, N, splits)](
+    kernel = _mlp_fwd_tuned if gelu is None else _mlp_fwd_gelu_tuned
+    kernel[_grid(M, N, splits)](
         a, b, bias, out, pre,
         M, N, K, per_split,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), N, 1, M * N,
@@ -259,7 +300,7 @@ def _gelu_grad_matmul(dy, w2, pre, approximate, need_db):
     M, K = dy.shape
     N = w2.shape[1]
     dpre = torch.empty((M, N), dtype=pre.dtype, device=pre.device)
-    max_tiles_m = triton.cdiv(M, min(c["BLOCK_M"] for c in autotune_configs()))
+    max_tiles_m = triton.cdiv(M, min(c["BLOCK_M"] for c in autotune_configs(epilogue=True) + [_FALLBACK]))
     # zeros: autotuned configs with larger BLOCK_M fill fewer rows; the rest must add nothing
     db_part = torch.zeros((max_tiles_m, N), dtype=acc_torch_dtype(pre.dtype), device=pre.device) \
         if need_db else None

@@ -629,3 +629,48 @@ def test_validate_gpu_script_keeps_results_of_a_capped_run(tmp_path):
     assert any(c.startswith("-m pytest -q") and f"--junitxml {out}/tests.xml" in c for c in calls)
     assert any(c.startswith("-m pytest bench --benchmark-only") for c in calls)
     assert any(c.startswith("-m bench --quick --out-dir") for c in calls)
+
+
+
+def test_bench_mlp_flop_counts():
+    from bench import bench_mlp as bmlp
+
+    # N=4 rows, C=8, H=32: one matmul is 2*4*8*32 = 2048 FLOPs; fwd does 2, bwd 4
+    assert bmlp.mlp_flops(4, 8, "fwd") == 2 * 2048
+    assert bmlp.mlp_flops(4, 8, "bwd") == 4 * 2048
+    assert bmlp.mlp_flops(4, 8, "fwd_bwd") == 6 * 2048
+    assert bmlp.mlp_flops(16384, 768, "fwd_bwd") == 12 * 16384 * 768 * 3072
+
+
+def test_bench_mlp_run_on_cpu(monkeypatch):
+    """bench_mlp.run with the timers stubbed, few rows and fp32: one row per provider and mode."""
+    from bench import bench_mlp as bmlp
+
+    monkeypatch.setattr(bmlp, "ROWS", 5)
+    monkeypatch.setattr(bmlp, "DTYPE", torch.float32)
+    monkeypatch.setattr(harness, "time_ms", lambda fn, warmup, rep, grad_to_none: (fn(), dict(TIMING))[1])
+    monkeypatch.setattr(harness, "peak_memory_mb", lambda fn: (fn(), 1.0)[1])
+    fns, skipped = bmlp.providers(no_compile=True)
+    assert set(fns) == {"triton", "torch"} and "torch_compile" in skipped
+    rows = bmlp.run((16,), fns, skipped, ceiling_tflops=1.0, warmup=1, rep=1, device="cpu")
+    assert [(r["provider"], r["mode"]) for r in rows] == [(p, m) for p in fns for m in bmlp.MODES]
+    assert rows[0]["tflops"] == round(harness.tflops(bmlp.mlp_flops(5, 16, "fwd"), 1.0), 6)  # rows round to 6 digits
+    assert rows[0]["shape"] == {"rows": 5, "C": 16, "H": 64} and rows[0]["ceiling_frac"] == rows[0]["tflops"]
+
+
+def test_bench_mlp_skips_cleanly_without_cuda(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "bench/bench_mlp.py", "--quick", "--out-dir", str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "bench_mlp: skipped, needs a CUDA GPU (none found)" in proc.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_mlp_follows_the_protocol():
+    from bench import bench_mlp as bmlp
+
+    assert bmlp.OPS == ("mlp",) and "bench_mlp" in [harness.module_name(m) for m in harness.discover_modules()[0]]
+    args = harness.arg_parser("x").parse_args(["--quick", "--no-compile"])
+    ids = [case_id for case_id, _ in bmlp.cases(args)]
+    assert ids == [f"mlp-C768-{p}-{m}" for p in ("triton", "torch") for m in bmlp.MODES]

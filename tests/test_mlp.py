@@ -181,7 +181,7 @@ def test_torch_compile_fullgraph(device):
 @pytest.fixture
 def no_launch(monkeypatch):
     """Fails the test if any MLP kernel is launched."""
-    forbid_launches(monkeypatch, mlp_module, "_mlp_fwd_tuned", "_mlp_bwd_tuned")
+    forbid_launches(monkeypatch, mlp_module, "_mlp_fwd_tuned", "_mlp_fwd_gelu_tuned", "_mlp_bwd_tuned")
 
 
 @pytest.mark.parametrize("case, error, words", [
@@ -226,3 +226,24 @@ def test_gpt2_shape_bf16_on_gpu():
     """GPT-2 124M's MLP shape (16384 rows, C = 768, H = 3072): the autotuned, split-K GPU path."""
     inputs = _inputs((16384,), 768, 3072, torch.bfloat16, "cuda")
     _check_against_reference(inputs, _dy(inputs))
+
+
+def test_autotune_pruning_fits_wide_dtypes_in_shared_memory():
+    """The GPU lists are sized for 16-bit tiles; fp32 and fp64 keep fewer stages or drop configs."""
+    configs = mlp_module._triton_configs(mlp_module.gpu_configs())
+
+    def fitted(dtype):
+        return mlp_module._fit_shared_memory(configs, {"A": torch.empty(0, dtype=dtype)})
+
+    def smem(c, itemsize):
+        return (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * itemsize * c.num_stages
+
+    bf16 = fitted(torch.bfloat16)
+    assert [(c.kwargs, c.num_stages) for c in bf16] == [(c.kwargs, c.num_stages) for c in configs]
+    for dtype in (torch.float32, torch.float64):
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        kept = fitted(dtype)
+        assert kept and all(1 <= c.num_stages and smem(c, itemsize) <= mlp_module.SMEM_BUDGET for c in kept)
+    assert len(fitted(torch.float64)) < len(configs)  # 128 x 256 x 64 fp64 does not fit even unpipelined
+    assert mlp_module._fit_shared_memory(configs[:1], {"A": torch.empty(0, dtype=torch.float64)})[0].kwargs == \
+        mlp_module._FALLBACK

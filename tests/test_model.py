@@ -87,6 +87,17 @@ def test_layer_norm_kernel_is_available():
     assert "layer_norm" in gpt.available_kernels()
 
 
+def test_mlp_kernel_is_available_and_used_only_when_selected(monkeypatch, device):
+    # test_kernels_match_reference_2x_rule below then compares the model with kernels="mlp" to "none".
+    assert "mlp" in gpt.available_kernels()
+    calls = spy(monkeypatch, "gelu_mlp", kernels.gelu_mlp)
+    idx, targets = batch(device)
+    tiny(device, kernels="layer_norm")(idx, targets)
+    assert calls == []
+    tiny(device, kernels="mlp")(idx, targets)
+    assert calls == ["gelu_mlp"] * TINY.n_layer
+
+
 def test_cross_entropy_kernel_fuses_the_lm_head(monkeypatch, device):
     """With the cross_entropy kernel on and targets given, the loss comes from linear_cross_entropy
     on the final hidden state with the tied lm_head weight, and no logits are returned."""

@@ -1,0 +1,152 @@
+"""Benchmark the GELU MLP: the fused Triton kernels against PyTorch eager and torch.compile.
+
+    python bench/bench_mlp.py [--quick] [--no-compile] [--out-dir bench/results]
+    python -m bench.bench_mlp ...
+
+Shapes: 16384 rows (GPT-2 124M's B*T) by C in {768, 1024, 1280, 1600} (the GPT-2 widths), hidden
+H = 4C, bf16 activations and parameters, both biases; modes fwd, bwd and fwd_bwd. Inputs require
+grad in every mode, so the forward is the training forward (it keeps what its backward needs).
+
+- triton: kernels.gelu_mlp (bias and GELU in the matmul epilogues).
+- torch: kernels.reference.gelu_mlp in eager mode: cuBLAS matmuls with the bias, and a separate
+  GELU kernel over the 4C-wide activation.
+- torch_compile: torch.compile of the reference (Inductor's fusions and matmul choices).
+Liger-Kernel has no GPT-2 (Linear -> GELU -> Linear) MLP, only gated ones, so it is not a provider.
+
+- fwd times y = gelu_mlp(x, W1, b1, W2, b2).
+- bwd runs the forward once outside the timing and times y.backward(dy, retain_graph=True);
+  do_bench sets every input's .grad to None before each timed run (outside the timed region).
+- fwd_bwd times gelu_mlp(...).backward(dy), grads reset the same way.
+
+TFLOP/s counts the matmul FLOPs each mode must do, whatever a provider really does (the GELU and
+the bias adds, O(N*H), are not counted), with N rows, C the width and H = 4C:
+  fwd:     x W1^T and g W2^T                                  2 * 2*N*C*H = 4*N*C*H
+  bwd:     dg = dy W2, dx = dh W1, dW1 = dh^T x, dW2 = dy^T g   4 * 2*N*C*H = 8*N*C*H
+  fwd_bwd: the sum                                                          12*N*C*H
+`ceiling_frac` is that TFLOP/s over the measured bf16 matmul ceiling (harness.matmul_tflops: one
+8192 x 8192 x 8192 bf16 matmul, stored as meta["matmul_tflops"]). Peak memory:
+harness.peak_memory_mb, what one call allocates beyond its inputs (for bwd, beyond the saved
+forward graph too).
+
+A provider that cannot run (torch.compile failing) is reported in meta["skipped"] (as
+"mlp:<provider>") and left out of the rows; the run goes on. The module follows the benchmark
+protocol of bench/harness.py (OPS, collect, cases, main).
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench import harness  # noqa: E402
+
+OP = "mlp"
+OPS = (OP,)
+ROWS = 16384
+WIDTHS = (768, 1024, 1280, 1600)
+QUICK_WIDTHS = (768,)
+MODES = ("fwd", "bwd", "fwd_bwd")
+DTYPE = torch.bfloat16
+OPTIONAL = ("torch_compile",)  # providers whose failure skips them instead of stopping the run
+
+
+def mlp_flops(rows, C, mode, hidden=None):
+    """The matmul FLOPs of one MLP call of `mode` (see the module docstring); hidden defaults to 4C."""
+    H = 4 * C if hidden is None else hidden
+    return {"fwd": 4, "bwd": 8, "fwd_bwd": 12}[mode] * rows * C * H
+
+
+def providers(no_compile=False):
+    """({name: fn(x, w1, b1, w2, b2)}, {name: why skipped}) for every provider this machine can offer."""
+    from kernels import gelu_mlp, reference
+
+    fns = {"triton": gelu_mlp, "torch": reference.gelu_mlp}
+    skipped = {"liger": "Liger-Kernel has no GPT-2 (non-gated GELU) MLP"}
+    if no_compile:
+        skipped["torch_compile"] = "--no-compile"
+    else:
+        fns["torch_compile"] = torch.compile(reference.gelu_mlp, dynamic=False)
+    return fns, skipped
+
+
+def make_inputs(C, device="cuda"):
+    """x, W1, b1, W2, b2 (GPT-2's init scale) and an upstream gradient dy."""
+    H = 4 * C
+    x = torch.randn(ROWS, C, device=device, dtype=DTYPE, requires_grad=True)
+    w1 = (0.02 * torch.randn(H, C, device=device, dtype=DTYPE)).requires_grad_()
+    b1 = (0.02 * torch.randn(H, device=device, dtype=DTYPE)).requires_grad_()
+    w2 = (0.02 * torch.randn(C, H, device=device, dtype=DTYPE)).requires_grad_()
+    b2 = (0.02 * torch.randn(C, device=device, dtype=DTYPE)).requires_grad_()
+    dy = torch.randn(ROWS, C, device=device, dtype=DTYPE)
+    return x, w1, b1, w2, b2, dy
+
+
+def runner(fn, mode, x, w1, b1, w2, b2, dy):
+    """The callable to time for `mode` (for bwd, after running the forward once)."""
+    if mode == "fwd":
+        return lambda: fn(x, w1, b1, w2, b2)
+    if mode == "bwd":
+        y = fn(x, w1, b1, w2, b2)
+        return lambda: y.backward(dy, retain_graph=True)
+    return lambda: fn(x, w1, b1, w2, b2).backward(dy)
+
+
+def measure(fn, mode, inputs, warmup, rep):
+    """(time_ms dict, peak MiB) of one provider in one mode."""
+    return harness.time_and_peak(runner(fn, mode, *inputs), list(inputs[:5]), warmup, rep)
+
+
+def run(widths, fns, skipped, ceiling_tflops, warmup, rep, device="cuda"):
+    """Time every provider in every mode on every width; return the rows."""
+    rows = []
+    for C in widths:
+        inputs = make_inputs(C, device)
+        results = harness.measure_providers(fns, MODES, measure, (inputs, warmup, rep), skipped, OPTIONAL,
+                                            f"C={C}", prefix=f"{OP}:")
+        for name, mode, (timing, mem) in results:
+            rate = harness.tflops(mlp_flops(ROWS, C, mode), timing["ms"])
+            rows.append(harness.make_row(OP, name, mode, DTYPE, {"rows": ROWS, "C": C, "H": 4 * C}, timing,
+                                         tflops=rate, peak_mem_mb=mem, ceiling_frac=rate / ceiling_tflops))
+        del inputs
+    return rows
+
+
+def _prefixed(skipped):
+    return {f"{OP}:{name}": why for name, why in skipped.items()}
+
+
+def collect(args):
+    """The benchmark protocol (bench/harness.py): (rows, meta_extra) of one run on CUDA."""
+    fns, skipped = providers(args.no_compile)
+    skipped = _prefixed(skipped)
+    warmup, rep = (5, 20) if args.quick else (25, 100)
+    ceiling = harness.matmul_tflops("cuda")
+    print(f"measured bf16 matmul ceiling: {ceiling:.0f} TFLOP/s")
+    rows = run(QUICK_WIDTHS if args.quick else WIDTHS, fns, skipped, ceiling, warmup, rep)
+    return rows, {"matmul_tflops": round(ceiling, 1), "skipped": skipped}
+
+
+def cases(args):
+    """The protocol's pytest-benchmark cases: (id, setup) per width, provider and mode."""
+    fns, _ = providers(args.no_compile)
+    for C in QUICK_WIDTHS if args.quick else WIDTHS:
+        for name, fn in fns.items():
+            for mode in MODES:
+                yield f"{OP}-C{C}-{name}-{mode}", _case_setup(fn, mode, C)
+
+
+def _case_setup(fn, mode, C):
+    def setup():
+        inputs = make_inputs(C)
+        return runner(fn, mode, *inputs), list(inputs[:5])
+    return setup
+
+
+def main(argv=None):
+    return harness.bench_main(sys.modules[__name__], argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
