@@ -25,6 +25,7 @@ this GPU or shape (cuDNN missing, say) is reported in meta["skipped"] (as "atten
 and left out; the run goes on. The module follows the benchmark protocol of bench/harness.py
 (OPS, collect, cases, main).
 """
+import functools
 import sys
 from pathlib import Path
 
@@ -42,7 +43,7 @@ SEQ_LENS = (256, 512, 1024, 2048, 4096, 8192)
 HEAD_DIMS = (64, 128)
 QUICK_SHAPES = ((1024, 64), (4096, 64))
 MATH_MAX_T = 4096
-MODES = ("fwd", "bwd", "fwd_bwd")
+MODES = harness.MODES
 DTYPE = torch.bfloat16
 CAUSAL = True
 OPTIONAL = ("torch", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient")  # failures skip, not stop
@@ -99,10 +100,13 @@ def runner(fn, mode, q, k, v, do):
     return lambda: fn(q, k, v, causal=CAUSAL).backward(do)
 
 
-def measure(fn, mode, inputs, warmup, rep):
-    """(time_ms dict, peak MiB) of one provider in one mode."""
+def prepare(fn, mode, inputs):
+    """(callable to time, leaves whose grads are reset) of one provider in one mode."""
     q, k, v, do = inputs
-    return harness.time_and_peak(runner(fn, mode, q, k, v, do), [q, k, v], warmup, rep)
+    return runner(fn, mode, q, k, v, do), [q, k, v]
+
+
+measure = harness.timer(prepare)  # (time_ms dict, peak MiB) of one provider in one mode
 
 
 def _active(fns, skipped, T):
@@ -147,8 +151,8 @@ def shapes_for(args):
 def collect(args):
     """The benchmark protocol (bench/harness.py): (rows, meta_extra) of one run on CUDA."""
     fns, skipped = providers(args.no_compile)
-    skipped = {f"{OP}:{name}": why for name, why in skipped.items()}
-    warmup, rep = (5, 20) if args.quick else (25, 100)
+    skipped = harness.keyed_skips(OP, skipped)
+    warmup, rep = harness.repetitions(args)
     rows = run(shapes_for(args), fns, skipped, warmup, rep, progress=getattr(args, "progress", None))
     return rows, {"skipped": skipped}
 
@@ -157,19 +161,10 @@ def cases(args):
     """The protocol's pytest-benchmark cases: (id, setup) per shape, provider and mode (the math
     reference only up to MATH_MAX_T)."""
     fns, _ = providers(args.no_compile)
-    for T, D in shapes_for(args):
-        for name, fn in fns.items():
-            if name == "torch" and T > MATH_MAX_T:
-                continue
-            for mode in MODES:
-                yield f"{OP}-T{T}-D{D}-{name}-{mode}", _case_setup(fn, mode, T, D)
-
-
-def _case_setup(fn, mode, T, D):
-    def setup():
-        q, k, v, do = make_inputs(T, D)
-        return runner(fn, mode, q, k, v, do), [q, k, v]
-    return setup
+    points = [(f"T{T}-D{D}", functools.partial(make_inputs, T, D)) for T, D in shapes_for(args)]
+    length = {label: make.args[0] for label, make in points}
+    return harness.provider_cases(OP, fns, points, prepare,
+                                  keep=lambda name, label: name != "torch" or length[label] <= MATH_MAX_T)
 
 
 def main(argv=None):

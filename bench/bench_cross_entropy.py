@@ -25,6 +25,7 @@ harness.peak_memory_mb, what one call allocates beyond its inputs. A provider th
 (Liger not installed, torch.compile failing) is reported in meta["skipped"]; the run goes on.
 The module follows the benchmark protocol of bench/harness.py (OPS, collect, cases, main).
 """
+import functools
 import sys
 from pathlib import Path
 
@@ -40,7 +41,7 @@ ROWS = (4096, 16384, 32768)
 QUICK_ROWS = (16384,)
 V = 50257
 C = 768
-MODES = ("fwd", "bwd", "fwd_bwd")
+MODES = harness.MODES
 DTYPE = torch.bfloat16
 IGNORE_INDEX = -1
 OPTIONAL = ("torch_compile", "liger")  # providers whose failure skips them instead of stopping the run
@@ -107,10 +108,13 @@ def runner(fn, mode, tensors, targets):
     return lambda: forward().backward()
 
 
-def measure(fn, mode, inputs, warmup, rep):
-    """(time_ms dict, peak MiB) of one provider in one mode."""
+def prepare(fn, mode, inputs):
+    """(callable to time, leaves whose grads are reset) of one provider in one mode."""
     tensors, targets = inputs
-    return harness.time_and_peak(runner(fn, mode, tensors, targets), tensors, warmup, rep)
+    return runner(fn, mode, tensors, targets), tensors
+
+
+measure = harness.timer(prepare)  # (time_ms dict, peak MiB) of one provider in one mode
 
 
 def rate(op, N, mode, ms):
@@ -122,51 +126,40 @@ def rate(op, N, mode, ms):
 
 def run(op, row_counts, fns, skipped, warmup, rep, device="cuda"):
     """Time every provider of `op` in every mode at every N; return the rows."""
-    rows = []
+    def metrics(shape, mode, ms):
+        gb, tf = rate(op, shape["rows"], mode, ms)
+        return dict(gbps=gb, tflops=tf)
+
     shape_extra = {"V": V} if op == "cross_entropy" else {"C": C, "V": V}
-    for N in row_counts:
-        inputs = make_inputs(op, N, device)
-        results = harness.measure_providers(fns, MODES, measure, (inputs, warmup, rep), skipped, OPTIONAL,
-                                            f"N={N}", prefix=f"{op}:")
-        for name, mode, (timing, mem) in results:
-            gb, tf = rate(op, N, mode, timing["ms"])
-            rows.append(harness.make_row(op, name, mode, DTYPE, {"rows": N, **shape_extra}, timing,
-                                         gbps=gb, tflops=tf, peak_mem_mb=mem))
-        del inputs
-        torch.cuda.empty_cache()
-    return rows
+    points = [(f"N={N}", functools.partial(make_inputs, op, N, device), {"rows": N, **shape_extra})
+              for N in row_counts]
+    return harness.sweep(op, fns, points, measure, warmup, rep, skipped, OPTIONAL, metrics, DTYPE)
+
+
+def row_counts_for(args):
+    return QUICK_ROWS if args.quick else ROWS
 
 
 def collect(args):
     """The benchmark protocol (bench/harness.py): (rows, meta_extra) of one run on CUDA."""
-    warmup, rep = (5, 20) if args.quick else (25, 100)
+    warmup, rep = harness.repetitions(args)
     rows, skipped = [], {}
     for op in OPS:
         if not harness.wants(args, op):
             continue
         fns, op_skipped = providers(op, args.no_compile)
-        skipped.update({f"{op}:{k}": v for k, v in op_skipped.items()})
-        rows += run(op, QUICK_ROWS if args.quick else ROWS, fns, skipped, warmup, rep)
+        skipped.update(harness.keyed_skips(op, op_skipped))
+        rows += run(op, row_counts_for(args), fns, skipped, warmup, rep)
     return rows, {"skipped": skipped}
 
 
 def cases(args):
     """The protocol's pytest-benchmark cases: (id, setup) per op, N, provider and mode."""
     for op in OPS:
-        if not harness.wants(args, op):
-            continue
-        fns, _ = providers(op, args.no_compile)
-        for N in QUICK_ROWS if args.quick else ROWS:
-            for name, fn in fns.items():
-                for mode in MODES:
-                    yield f"{op}-N{N}-{name}-{mode}", _case_setup(op, fn, mode, N)
-
-
-def _case_setup(op, fn, mode, N):
-    def setup():
-        tensors, targets = make_inputs(op, N)
-        return runner(fn, mode, tensors, targets), tensors
-    return setup
+        if harness.wants(args, op):
+            fns, _ = providers(op, args.no_compile)
+            points = [(f"N{N}", functools.partial(make_inputs, op, N)) for N in row_counts_for(args)]
+            yield from harness.provider_cases(op, fns, points, prepare)
 
 
 def main(argv=None):

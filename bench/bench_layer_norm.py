@@ -27,6 +27,7 @@ A provider that cannot run (Liger not installed, torch.compile failing) is repor
 meta["skipped"] (as "layer_norm:<provider>") and left out of the rows; the run goes on. The module
 follows the benchmark protocol of bench/harness.py (OPS, collect, cases, main).
 """
+import functools
 import sys
 from pathlib import Path
 
@@ -42,7 +43,7 @@ OPS = (OP,)
 ROWS = 16384
 WIDTHS = (768, 1024, 1600, 4096)
 QUICK_WIDTHS = (768, 4096)
-MODES = ("fwd", "bwd", "fwd_bwd")
+MODES = harness.MODES
 DTYPE = torch.bfloat16
 EPS = 1e-5
 OPTIONAL = ("torch_compile", "liger")  # providers whose failure skips them instead of stopping the run
@@ -93,57 +94,45 @@ def runner(fn, mode, x, w, b, dy):
     return lambda: fn(x, w, b, EPS).backward(dy)
 
 
-def measure(fn, mode, inputs, warmup, rep):
-    """(time_ms dict, peak MiB) of one provider in one mode."""
+def prepare(fn, mode, inputs):
+    """(callable to time, leaves whose grads are reset) of one provider in one mode."""
     x, w, b, dy = inputs
-    return harness.time_and_peak(runner(fn, mode, x, w, b, dy), [x, w, b], warmup, rep)
+    return runner(fn, mode, x, w, b, dy), [x, w, b]
+
+
+measure = harness.timer(prepare)  # (time_ms dict, peak MiB) of one provider in one mode
 
 
 def run(widths, fns, skipped, copy_gbps, warmup, rep, device="cuda"):
     """Time every provider in every mode on every width; return the rows."""
-    rows = []
-    for C in widths:
-        inputs = make_inputs(C, device)
-        results = harness.measure_providers(fns, MODES, measure, (inputs, warmup, rep), skipped, OPTIONAL,
-                                            f"C={C}", prefix=f"{OP}:")
-        for name, mode, (timing, mem) in results:
-            nbytes = layer_norm_bytes(ROWS, C, mode, inputs[0].element_size())
-            rate = harness.gbps(nbytes, timing["ms"])
-            rows.append(harness.make_row(OP, name, mode, DTYPE, {"rows": ROWS, "C": C}, timing,
-                                         gbps=rate, peak_mem_mb=mem, ceiling_frac=rate / copy_gbps))
-        del inputs
-    return rows
+    def metrics(shape, mode, ms):
+        rate = harness.gbps(layer_norm_bytes(ROWS, shape["C"], mode, DTYPE.itemsize), ms)
+        return dict(gbps=rate, ceiling_frac=rate / copy_gbps)
+
+    points = [(f"C={C}", functools.partial(make_inputs, C, device), {"rows": ROWS, "C": C}) for C in widths]
+    return harness.sweep(OP, fns, points, measure, warmup, rep, skipped, OPTIONAL, metrics, DTYPE)
 
 
-def _prefixed(skipped):
-    return {f"{OP}:{name}": why for name, why in skipped.items()}
+def widths_for(args):
+    return QUICK_WIDTHS if args.quick else WIDTHS
 
 
 def collect(args):
     """The benchmark protocol (bench/harness.py): (rows, meta_extra) of one run on CUDA."""
     fns, skipped = providers(args.no_compile)
-    skipped = _prefixed(skipped)
-    warmup, rep = (5, 20) if args.quick else (25, 100)
+    skipped = harness.keyed_skips(OP, skipped)
+    warmup, rep = harness.repetitions(args)
     copy_gbps = harness.copy_bandwidth_gbps("cuda")
     print(f"measured copy bandwidth: {copy_gbps:.0f} GB/s")
-    rows = run(QUICK_WIDTHS if args.quick else WIDTHS, fns, skipped, copy_gbps, warmup, rep)
+    rows = run(widths_for(args), fns, skipped, copy_gbps, warmup, rep)
     return rows, {"copy_gbps": round(copy_gbps, 1), "skipped": skipped}
 
 
 def cases(args):
     """The protocol's pytest-benchmark cases: (id, setup) per width, provider and mode."""
     fns, _ = providers(args.no_compile)
-    for C in QUICK_WIDTHS if args.quick else WIDTHS:
-        for name, fn in fns.items():
-            for mode in MODES:
-                yield f"{OP}-C{C}-{name}-{mode}", _case_setup(fn, mode, C)
-
-
-def _case_setup(fn, mode, C):
-    def setup():
-        x, w, b, dy = make_inputs(C)
-        return runner(fn, mode, x, w, b, dy), [x, w, b]
-    return setup
+    points = [(f"C{C}", functools.partial(make_inputs, C)) for C in widths_for(args)]
+    return harness.provider_cases(OP, fns, points, prepare)
 
 
 def main(argv=None):

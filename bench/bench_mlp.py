@@ -32,6 +32,7 @@ A provider that cannot run (torch.compile failing) is reported in meta["skipped"
 "mlp:<provider>") and left out of the rows; the run goes on. The module follows the benchmark
 protocol of bench/harness.py (OPS, collect, cases, main).
 """
+import functools
 import sys
 from pathlib import Path
 
@@ -47,7 +48,7 @@ OPS = (OP,)
 ROWS = 16384
 WIDTHS = (768, 1024, 1280, 1600)
 QUICK_WIDTHS = (768,)
-MODES = ("fwd", "bwd", "fwd_bwd")
+MODES = harness.MODES
 DTYPE = torch.bfloat16
 OPTIONAL = ("torch_compile",)  # providers whose failure skips them instead of stopping the run
 
@@ -93,55 +94,45 @@ def runner(fn, mode, x, w1, b1, w2, b2, dy):
     return lambda: fn(x, w1, b1, w2, b2).backward(dy)
 
 
-def measure(fn, mode, inputs, warmup, rep):
-    """(time_ms dict, peak MiB) of one provider in one mode."""
-    return harness.time_and_peak(runner(fn, mode, *inputs), list(inputs[:5]), warmup, rep)
+def prepare(fn, mode, inputs):
+    """(callable to time, leaves whose grads are reset) of one provider in one mode."""
+    return runner(fn, mode, *inputs), list(inputs[:5])
+
+
+measure = harness.timer(prepare)  # (time_ms dict, peak MiB) of one provider in one mode
 
 
 def run(widths, fns, skipped, ceiling_tflops, warmup, rep, device="cuda"):
     """Time every provider in every mode on every width; return the rows."""
-    rows = []
-    for C in widths:
-        inputs = make_inputs(C, device)
-        results = harness.measure_providers(fns, MODES, measure, (inputs, warmup, rep), skipped, OPTIONAL,
-                                            f"C={C}", prefix=f"{OP}:")
-        for name, mode, (timing, mem) in results:
-            rate = harness.tflops(mlp_flops(ROWS, C, mode), timing["ms"])
-            rows.append(harness.make_row(OP, name, mode, DTYPE, {"rows": ROWS, "C": C, "H": 4 * C}, timing,
-                                         tflops=rate, peak_mem_mb=mem, ceiling_frac=rate / ceiling_tflops))
-        del inputs
-    return rows
+    def metrics(shape, mode, ms):
+        rate = harness.tflops(mlp_flops(ROWS, shape["C"], mode), ms)
+        return dict(tflops=rate, ceiling_frac=rate / ceiling_tflops)
+
+    points = [(f"C={C}", functools.partial(make_inputs, C, device), {"rows": ROWS, "C": C, "H": 4 * C})
+              for C in widths]
+    return harness.sweep(OP, fns, points, measure, warmup, rep, skipped, OPTIONAL, metrics, DTYPE)
 
 
-def _prefixed(skipped):
-    return {f"{OP}:{name}": why for name, why in skipped.items()}
+def widths_for(args):
+    return QUICK_WIDTHS if args.quick else WIDTHS
 
 
 def collect(args):
     """The benchmark protocol (bench/harness.py): (rows, meta_extra) of one run on CUDA."""
     fns, skipped = providers(args.no_compile)
-    skipped = _prefixed(skipped)
-    warmup, rep = (5, 20) if args.quick else (25, 100)
+    skipped = harness.keyed_skips(OP, skipped)
+    warmup, rep = harness.repetitions(args)
     ceiling = harness.matmul_tflops("cuda")
     print(f"measured bf16 matmul ceiling: {ceiling:.0f} TFLOP/s")
-    rows = run(QUICK_WIDTHS if args.quick else WIDTHS, fns, skipped, ceiling, warmup, rep)
+    rows = run(widths_for(args), fns, skipped, ceiling, warmup, rep)
     return rows, {"matmul_tflops": round(ceiling, 1), "skipped": skipped}
 
 
 def cases(args):
     """The protocol's pytest-benchmark cases: (id, setup) per width, provider and mode."""
     fns, _ = providers(args.no_compile)
-    for C in QUICK_WIDTHS if args.quick else WIDTHS:
-        for name, fn in fns.items():
-            for mode in MODES:
-                yield f"{OP}-C{C}-{name}-{mode}", _case_setup(fn, mode, C)
-
-
-def _case_setup(fn, mode, C):
-    def setup():
-        inputs = make_inputs(C)
-        return runner(fn, mode, *inputs), list(inputs[:5])
-    return setup
+    points = [(f"C{C}", functools.partial(make_inputs, C)) for C in widths_for(args)]
+    return harness.provider_cases(OP, fns, points, prepare)
 
 
 def main(argv=None):

@@ -180,6 +180,65 @@ def measure_providers(fns, modes, measure, args, skipped, optional, where, prefi
             yield name, mode, result
 
 
+
+def timer(prepare):
+    """A module's `measure(fn, mode, inputs, warmup, rep)` -> (time_ms dict, peak MiB), from its
+    prepare(fn, mode, inputs) -> (callable to time, leaves whose grads are reset)."""
+    return functools.partial(_time_prepared, prepare)
+
+
+def _time_prepared(prepare, fn, mode, inputs, warmup, rep):
+    return time_and_peak(*prepare(fn, mode, inputs), warmup, rep)
+
+
+def repetitions(args):
+    """(warmup, rep) of do_bench for a run: fewer with --quick."""
+    return (5, 20) if args.quick else (25, 100)
+
+
+def keyed_skips(op, skipped):
+    """A module's {provider: why} keyed as the protocol's meta["skipped"]: {"<op>:<provider>": why}."""
+    return {f"{op}:{name}": why for name, why in skipped.items()}
+
+
+def sweep(op, fns, points, measure, warmup, rep, skipped, optional, metrics, dtype):
+    """Rows of one op: every provider in every mode at every point (the usual body of `run`).
+
+    points: (label, make_inputs, shape) triples, make_inputs() building the inputs of `measure`
+    and shape the row's shape dict; metrics(shape, mode, ms) -> make_row's rate keywords (gbps,
+    tflops, ceiling_frac). Optional providers that fail are dropped as measure_providers says.
+    """
+    rows = []
+    for label, make_inputs, shape in points:
+        inputs = make_inputs()
+        results = measure_providers(fns, MODES, measure, (inputs, warmup, rep), skipped, optional, label,
+                                    prefix=f"{op}:")
+        for name, mode, (timing, mem) in results:
+            rows.append(make_row(op, name, mode, dtype, shape, timing, peak_mem_mb=mem,
+                                 **metrics(shape, mode, timing["ms"])))
+        del inputs
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
+
+
+def provider_cases(op, fns, points, prepare, keep=None):
+    """The protocol's pytest-benchmark cases for one op: (id, setup) per point, provider and mode.
+
+    points: (label, make_inputs) pairs; prepare(fn, mode, inputs) -> (callable to time, leaves),
+    the same function the module's `measure` times; keep(name, label) may leave a provider out.
+    """
+    for label, make_inputs in points:
+        for name, fn in fns.items():
+            if keep is None or keep(name, label):
+                for mode in MODES:
+                    yield f"{op}-{label}-{name}-{mode}", functools.partial(_case, prepare, fn, mode, make_inputs)
+
+
+def _case(prepare, fn, mode, make_inputs):
+    return prepare(fn, mode, make_inputs())
+
+
 # --- the machine --------------------------------------------------------------------------------
 
 def require_cuda(what):
