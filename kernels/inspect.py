@@ -208,7 +208,7 @@ def _mlp_fwd(mlp, kind, C, tune, dtype):
     stride_bk, stride_bn = (N, 1) if dw else (1, K)
     return Launch(
         args=dict(A=p, B=p, Bias=None if dw else p, Out="*fp32" if dw else p, Pre=p if kind == "fc" else None,
-                  M=M, N=N, K=K, K_PER_SPLIT=K // 2 if dw else K, stride_am=stride_am, stride_ak=stride_ak,
+                  M=M, N=N, K=K, K_PER_SPLIT=K // 2 if dw else K, M_KEY=M, K_KEY=K, stride_am=stride_am, stride_ak=stride_ak,
                   stride_bk=stride_bk, stride_bn=stride_bn, stride_om=N, stride_on=1, stride_os=M * N),
         constexprs=dict(HAS_BIAS=not dw, GELU=kind == "fc", STORE_PRE=kind == "fc", APPROX_TANH=True,
                         **_mlp_constexprs(mlp, config, dtype)),
@@ -220,7 +220,7 @@ def _mlp_bwd(mlp, C, tune, dtype):
     M, N, K = _mlp_shapes("bwd", C)
     p = "*" + dtype
     return Launch(
-        args=dict(DY=p, W2=p, Pre=p, DPre=p, DBp="*fp32", M=M, N=N, K=K, stride_dym=K, stride_dyk=1,
+        args=dict(DY=p, W2=p, Pre=p, DPre=p, DBp="*fp32", M=M, N=N, K=K, M_KEY=M, stride_dym=K, stride_dyk=1,
                   stride_wk=N, stride_wn=1, stride_pm=N, stride_pn=1),
         constexprs=dict(NEED_DB=True, APPROX_TANH=True, **_mlp_constexprs(mlp, config, dtype)),
         num_warps=config["num_warps"], num_stages=config["num_stages"])

@@ -160,7 +160,8 @@ def _matmul_tile(A, B, M, N, K, k_start, k_end, stride_am, stride_ak, stride_bk,
         if UPCAST:  # the interpreter's tl.dot is wrong on bf16: compute in fp32 there
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        # out_dtype: Triton 3.6 asserts that an fp64 accumulator matches it (it defaults to fp32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     return acc
@@ -173,7 +174,7 @@ def _matmul_tile(A, B, M, N, K, k_start, k_end, stride_am, stride_ak, stride_bk,
 @triton.jit
 def _mlp_fwd_kernel(
     A, B, Bias, Out, Pre,
-    M, N, K, K_PER_SPLIT,
+    M, N, K, K_PER_SPLIT, M_KEY, K_KEY,
     stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_os,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_PRE: tl.constexpr, APPROX_TANH: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -204,7 +205,7 @@ def _mlp_fwd_kernel(
 @triton.jit
 def _mlp_bwd_kernel(
     DY, W2, Pre, DPre, DBp,
-    M, N, K,
+    M, N, K, M_KEY,
     stride_dym, stride_dyk, stride_wk, stride_wn, stride_pm, stride_pn,
     NEED_DB: tl.constexpr, APPROX_TANH: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -229,12 +230,15 @@ def _mlp_bwd_kernel(
 _PRUNE = {"early_config_prune": _fit_shared_memory}
 _PLAIN_CONFIGS = _triton_configs(autotune_configs())
 _EPILOGUE_CONFIGS = _triton_configs(autotune_configs(epilogue=True))
-_mlp_fwd_tuned = triton.autotune(_PLAIN_CONFIGS, key=["M", "N", "K"], prune_configs_by=_PRUNE)(_mlp_fwd_kernel)
-_mlp_fwd_gelu_tuned = triton.autotune(_EPILOGUE_CONFIGS, key=["M", "N", "K", "STORE_PRE"],
+# The keys use M_KEY / K_KEY, the shape with its row dimension (which changes with batch x length)
+# rounded up to a power of two (rows_key), so a new batch size or prompt length reuses a tuning
+# instead of benchmarking every config again; the other dimensions (the model's widths) are exact.
+_mlp_fwd_tuned = triton.autotune(_PLAIN_CONFIGS, key=["M_KEY", "N", "K_KEY"], prune_configs_by=_PRUNE)(_mlp_fwd_kernel)
+_mlp_fwd_gelu_tuned = triton.autotune(_EPILOGUE_CONFIGS, key=["M_KEY", "N", "K_KEY", "STORE_PRE"],
                                       prune_configs_by=_PRUNE)(_mlp_fwd_kernel)
 # reset_to_zero: configs of different BLOCK_M fill different rows of DBp; rows a benchmarked config
 # wrote and the chosen one does not would otherwise enter the sum
-_mlp_bwd_tuned = triton.autotune(_EPILOGUE_CONFIGS, key=["M", "N", "K", "NEED_DB"], reset_to_zero=["DBp"],
+_mlp_bwd_tuned = triton.autotune(_EPILOGUE_CONFIGS, key=["M_KEY", "N", "K", "NEED_DB"], reset_to_zero=["DBp"],
                                  prune_configs_by=_PRUNE)(_mlp_bwd_kernel)
 
 
@@ -246,6 +250,11 @@ def _dot_options(dtype, device):
     precision = "ieee" if dtype in (torch.float32, torch.float64) and not tf32 else "tf32"
     upcast = dtype == torch.bfloat16 and interpreting()
     return dict(ACC=acc_dtype(dtype), DOT_PRECISION=precision, UPCAST=upcast)
+
+
+def rows_key(n):
+    """A row count as the autotune keys see it: rounded up to a power of two."""
+    return triton.next_power_of_2(max(n, 1))
 
 
 def _grid(M, N, splits=1):
@@ -282,7 +291,8 @@ def _matmul(a, b, bias=None, gelu=None, store_pre=False, split_ok=False):
     kernel = _mlp_fwd_tuned if gelu is None else _mlp_fwd_gelu_tuned
     kernel[_grid(M, N, splits)](
         a, b, bias, out, pre,
-        M, N, K, per_split,
+        # the rows are K for the weight gradients (split_ok), M for every other product
+        M, N, K, per_split, M if split_ok else rows_key(M), rows_key(K) if split_ok else K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), N, 1, M * N,
         HAS_BIAS=bias is not None, GELU=gelu is not None, STORE_PRE=store_pre,
         APPROX_TANH=gelu == "tanh", **_dot_options(a.dtype, a.device),
@@ -309,9 +319,11 @@ def _gelu_grad_matmul(dy, w2, pre, approximate, need_db):
     if K == 0:  # dy @ w2 is zero
         dpre.zero_()
         return dpre, db_part
+    # a real tensor even when db1 is not wanted: Triton 3.6's reset_to_zero calls .zero_() on it
+    db_arg = db_part if need_db else torch.zeros(1, dtype=acc_torch_dtype(pre.dtype), device=pre.device)
     _mlp_bwd_tuned[_grid(M, N)](
-        dy, w2, pre, dpre, db_part,
-        M, N, K,
+        dy, w2, pre, dpre, db_arg,
+        M, N, K, rows_key(M),
         dy.stride(0), dy.stride(1), w2.stride(0), w2.stride(1), pre.stride(0), pre.stride(1),
         NEED_DB=need_db, APPROX_TANH=approximate == "tanh", **_dot_options(dy.dtype, dy.device),
     )
