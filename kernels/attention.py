@@ -35,6 +35,7 @@ from ._utils import acc_dtype, acc_torch_dtype, check_device, check_tensor, inte
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HEAD_DIMS = (16, 32, 64, 128)
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension (batch x heads here)
 LOG2E = 1.4426950408889634
 
 # Tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages) autotuned on CUDA, per kernel and head dim,
@@ -433,6 +434,8 @@ def _attention_bwd(do, q, k, v, o, lse, causal, sm_scale):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     do = do.to(q.dtype)
+    if _slice_span(do) >= 2**31:  # an upstream gradient with huge strides: 32-bit offsets need a copy
+        do = do.contiguous()
     delta = torch.empty((B, H, Tq), dtype=acc_torch_dtype(q.dtype), device=q.device)
     _attention_bwd_delta_kernel[(triton.cdiv(Tq, DELTA_BLOCK_M), B * H)](
         o, do, delta, *_strides(o, do), H, Tq, HEAD_D=D, ACC=acc_dtype(q.dtype), BLOCK_M=DELTA_BLOCK_M)
@@ -501,6 +504,11 @@ flash_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context
 
 # ---------------------------------------------------------------- public function
 
+def _slice_span(t):
+    """How many elements one (batch, head) slice of a (B, H, T, D) tensor spans in memory."""
+    return (t.shape[2] - 1) * abs(t.stride(2)) + (t.shape[3] - 1) * abs(t.stride(3))
+
+
 def _check_inputs(q, k, v, causal, sm_scale):
     """Validate everything before any launch; return sm_scale as a float."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -520,8 +528,14 @@ def _check_inputs(q, k, v, causal, sm_scale):
     if min(B, H, Tq, k.shape[2]) < 1:
         raise ValueError(f"q and k must be non-empty, got q {tuple(q.shape)} and k {tuple(k.shape)}")
     for name, t in (("q", q), ("k", k), ("v", v)):  # offsets within one (batch, head) are 32-bit
-        if (t.shape[2] - 1) * abs(t.stride(2)) + (D - 1) * abs(t.stride(3)) >= 2**31:
+        if _slice_span(t) >= 2**31:
             raise ValueError(f"{name}: one (batch, head) slice spans 2**31 elements or more; unsupported")
+    if max(Tq, k.shape[2]) * H * D >= 2**31:  # the same for the outputs, (B, T, H, D) memory
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: T * H * D must stay below 2**31 "
+                         "(one (batch, head) slice of the output would need 64-bit offsets)")
+    if B * H > MAX_GRID_Y:
+        raise ValueError(f"q: batch x heads = {B * H} is more than the {MAX_GRID_Y} programs CUDA allows "
+                         "in a grid's second dimension; split the batch")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     if sm_scale is not None and (isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float))

@@ -180,7 +180,16 @@ def _bad_inputs(device):
         ("sm_scale", dict(sm_scale=float("nan"))),
         ("q", dict(q=q.int())),
         ("k", dict(k=[1.0])),
+        # stride-0 views: shapes too large for the outputs' 32-bit offsets, or for CUDA's grid
+        ("T \\* H \\* D", _huge(1, 1024, 2**16, 32, device)),
+        ("batch x heads", _huge(2, 2**15, 8, 32, device)),
     ]
+
+
+def _huge(B, H, T, D, device):
+    """q, k, v of a huge shape that take no memory (every stride 0)."""
+    t = torch.zeros(1, 1, 1, D, device=device).expand(B, H, T, D)
+    return dict(q=t, k=t, v=t)
 
 
 @pytest.mark.parametrize("case", range(len(_bad_inputs("cpu"))))
