@@ -118,9 +118,13 @@ measure = harness.timer(prepare)  # (time_ms dict, peak MiB) of one provider in 
 
 
 def rate(op, N, mode, ms):
-    """(gbps, tflops) of one row."""
+    """(gbps, tflops) of one row. linear_cross_entropy gets TFLOP/s for fwd_bwd only: the Triton
+    forward already computes the gradients (reduction "mean") and its backward only scales them,
+    so a per-pass FLOP count would credit the providers' fwd and bwd rows with different work."""
     if op == "cross_entropy":
         return harness.gbps(cross_entropy_bytes(N, V, mode), ms), None
+    if mode != "fwd_bwd":
+        return None, None
     return None, harness.tflops(linear_cross_entropy_flops(N, C, V, mode), ms)
 
 
