@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ._utils import acc_dtype, acc_torch_dtype, check_device, check_tensor, interpreting, needs_grad, \
-    num_programs_for
+    num_programs_for, or_empty
 
 APPROXIMATIONS = ("tanh", "none")
 # Split K only when each split gets at least this many rows, and at most MAX_SPLIT ways.
@@ -361,27 +361,22 @@ def _gelu_mlp_bwd(dy, x, fc_weight, proj_weight, pre, act, approximate, needs):
 
 # ---------------------------------------------------------------- custom ops and autograd
 
-def _empty(like):
-    return like.new_empty(0)
-
-
 @torch.library.custom_op("tritongpt::gelu_mlp_fwd", mutates_args=())
 def _gelu_mlp_fwd_op(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: Optional[torch.Tensor],
                      proj_weight: torch.Tensor, proj_bias: Optional[torch.Tensor], approximate: str,
                      save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     y, pre, act = _gelu_mlp_fwd(x, fc_weight, fc_bias, proj_weight, proj_bias, approximate, save)
     if not save:
-        return y, _empty(x), _empty(x)
-    return y, pre, act
+        pre = act = None
+    return y, or_empty(pre, x, x.dtype), or_empty(act, x, x.dtype)
 
 
 @_gelu_mlp_fwd_op.register_fake
 def _(x, fc_weight, fc_bias, proj_weight, proj_bias, approximate, save):
     M, H = x.shape[:-1].numel(), fc_weight.shape[0]
     y = x.new_empty((*x.shape[:-1], proj_weight.shape[0]))
-    if not save:
-        return y, _empty(x), _empty(x)
-    return y, x.new_empty((M, H)), x.new_empty((M, H))
+    saved = (M, H) if save else (0,)
+    return y, x.new_empty(saved), x.new_empty(saved)
 
 
 @torch.library.custom_op("tritongpt::gelu_mlp_bwd", mutates_args=())
@@ -391,14 +386,14 @@ def _gelu_mlp_bwd_op(dy: torch.Tensor, x: torch.Tensor, fc_weight: torch.Tensor,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     needs = (need_dx, need_dw1, need_db1, need_dw2, need_db2)
     grads = _gelu_mlp_bwd(dy, x, fc_weight, proj_weight, pre, act, approximate, needs)
-    return tuple(_empty(x) if g is None else g for g in grads)
+    return tuple(or_empty(g, x, x.dtype) for g in grads)
 
 
 @_gelu_mlp_bwd_op.register_fake
 def _(dy, x, fc_weight, proj_weight, pre, act, approximate, need_dx, need_dw1, need_db1, need_dw2, need_db2):
     shapes = (x.shape, fc_weight.shape, fc_weight.shape[:1], proj_weight.shape, proj_weight.shape[:1])
     needs = (need_dx, need_dw1, need_db1, need_dw2, need_db2)
-    return tuple(x.new_empty(s) if n else _empty(x) for s, n in zip(shapes, needs))
+    return tuple(x.new_empty(s if n else (0,)) for s, n in zip(shapes, needs))
 
 
 def _setup_context(ctx, inputs, output):
