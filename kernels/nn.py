@@ -14,7 +14,6 @@ torch.library custom ops, so torch.compile(fullgraph=True) traces these modules 
 import contextlib
 import sys
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -23,7 +22,6 @@ from ._utils import triton_runs_on
 
 _package = sys.modules[__package__]  # `kernels`, looked up at call time (tests may swap its functions)
 _force_reference = False
-ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # flash_attention's (no float64)
 
 
 @contextlib.contextmanager
@@ -39,13 +37,10 @@ def reference_ops():
 
 
 def op(name, like):
-    """kernels.<name> where Triton can run on like's device, else kernels.reference.<name>.
-    flash_attention also needs one of the kernel's dtypes (it has no float64)."""
+    """kernels.<name> where Triton can run on like's device, else kernels.reference.<name>."""
     fn = getattr(_package, name, None)
     if fn is None or _force_reference or not triton_runs_on(like.device):
         return getattr(reference, name)
-    if name == "flash_attention" and like.dtype not in ATTENTION_DTYPES:
-        return reference.flash_attention
     return fn
 
 
