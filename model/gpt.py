@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels._utils import triton_runs_on
+from kernels.nn import merge_heads, split_heads
 
 # op name in GPTConfig.kernels -> public function of the `kernels` package that implements it.
 # A kernel is available once `kernels` exports that function; the model needs no change then.
@@ -240,15 +241,12 @@ class CausalSelfAttention(nn.Module):
         """x: (B, T, C). With a KVCache, x holds the T positions after the cached ones: their keys
         and values join the cache and their queries attend to every cached position (Tq < Tk, the
         causal mask aligned to the end)."""
-        B, T, C = x.shape
         # (B, T, 3C) -> three (B, H, T, D) views; the ops accept non-contiguous inputs.
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for t in self.c_attn(x).split(C, dim=2))
+        q, k, v = split_heads(self.c_attn(x), self.n_head)
         if cache is not None:
             k, v = cache.append(k, v)
         y = ops.attention(q, k, v, self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(merge_heads(y)))
 
 
 class MLP(nn.Module):
