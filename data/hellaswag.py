@@ -24,10 +24,14 @@ DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "tritongpt")
 ENDINGS = 4
 
 
+def cached_path(cache_dir=None):
+    """Where download() keeps the val set (it may not be there yet)."""
+    return os.path.join(cache_dir or DEFAULT_CACHE, "hellaswag_val.jsonl")
+
+
 def download(cache_dir=None, url=VAL_URL):
     """Path of the val set, downloaded the first time into cache_dir (default ~/.cache/tritongpt)."""
-    path = os.path.join(cache_dir or DEFAULT_CACHE, "hellaswag_val.jsonl")
-    return fetch(url, path, "the HellaSwag val set")
+    return fetch(url, cached_path(cache_dir), "the HellaSwag val set")
 
 
 def iterate_examples(path):
