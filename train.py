@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from model.gpt import GPT, PRESETS, GPTConfig, kernel_ops
+from model.gpt import GPT, PRESETS, GPTConfig, flops_per_token, kernel_ops
 from trainer import checkpoint, data, distributed, logs, options
 
 GRAD_CLIP = 1.0
@@ -115,7 +115,7 @@ def hellaswag_file(args, procs):
         return None
     from data import hellaswag
     if args.hellaswag == "auto":
-        path = os.path.join(hellaswag.DEFAULT_CACHE, "hellaswag_val.jsonl")  # where download() keeps it
+        path = hellaswag.cached_path()
         return path if os.path.isfile(path) else None
     try:
         if procs.main:  # one download, then the others find it cached
@@ -195,9 +195,13 @@ def restore(path, model, optimizer, loader, args, procs):
     return ckpt["step"]
 
 
+def checkpoint_path(args):
+    return os.path.join(args.out_dir, "ckpt.pt")
+
+
 def resume_path(args):
     if args.resume == "auto":
-        path = os.path.join(args.out_dir, "ckpt.pt")
+        path = checkpoint_path(args)
         return path if os.path.isfile(path) else None
     return args.resume
 
@@ -230,10 +234,10 @@ def evaluate(step, model, forward_model, val_loader, hellaswag, codec, log, args
             print_samples(model, codec, args, step, device)
 
 
-def step_record(step, loss, norm, lr, seconds, flops_per_token, peak, args, procs):
+def step_record(step, loss, norm, lr, seconds, flops_tok, peak, args, procs):
     """A step's log.jsonl line; MFU is per GPU, against the device's dense bf16 peak."""
     tokens_per_s = args.total_batch / seconds
-    mfu = flops_per_token * tokens_per_s / (peak * procs.world_size) if peak else None
+    mfu = flops_tok * tokens_per_s / (peak * procs.world_size) if peak else None
     return {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "ms": 1000 * seconds,
             "tokens_per_s": tokens_per_s, "mfu": mfu}
 
@@ -244,7 +248,7 @@ def run(args, procs, device):
     seed_everything(args.seed)
     model = build_model(args, device)
     optimizer = build_optimizer(model, args, device)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    ckpt_path = checkpoint_path(args)
     resume = resume_path(args)
     start = restore(resume, model, optimizer, train_loader, args, procs) if resume else 0
     log = logs.JsonLog(os.path.join(args.out_dir, "log.jsonl"), resume_step=start) if procs.main else None
@@ -254,7 +258,7 @@ def run(args, procs, device):
     train_model = forward_model
     if procs.distributed:
         train_model = DistributedDataParallel(forward_model, device_ids=[device.index] if device.type == "cuda" else None)
-    flops_per_token = logs.flops_per_token(model.config, model.num_params(), args.seq_len)
+    flops_tok = flops_per_token(model.num_params(), model.config.n_layer, model.config.n_embd, args.seq_len)
     peak = logs.peak_flops(device)
     if procs.main:
         announce(args, model, procs, device, start)
@@ -270,7 +274,7 @@ def run(args, procs, device):
                        f"is {checkpoint.describe(ckpt_path)}; resume from it with a lower --lr or more "
                        "--warmup-steps")
         if procs.main:
-            record = step_record(step, loss, norm, lr, seconds, flops_per_token, peak, args, procs)
+            record = step_record(step, loss, norm, lr, seconds, flops_tok, peak, args, procs)
             log.write(record)
             if step % args.log_every == 0 or step in (start + 1, args.max_steps):
                 print(logs.format_step(record), flush=True)

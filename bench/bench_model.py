@@ -46,6 +46,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch  # noqa: E402
 
 from bench import harness  # noqa: E402
+from model.gpt import flops_per_token  # noqa: E402  (6*N + 12*L*C*T, see the docstring)
 
 OP = "train_step"
 OPS = (OP,)
@@ -66,11 +67,6 @@ class Variant(NamedTuple):
 
 
 # --- arithmetic ------------------------------------------------------------------------------
-
-def flops_per_token(n_params, n_layer, n_embd, seq_len):
-    """Training FLOPs per token: 6*N for the weights plus 12*L*C*T for attention (docstring)."""
-    return 6 * n_params + 12 * n_layer * n_embd * seq_len
-
 
 def model_flops_per_token(config, seq_len=T):
     """flops_per_token for a GPTConfig, counting its parameters on the meta device (no memory)."""

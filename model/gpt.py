@@ -457,6 +457,13 @@ def _sample(logits, temperature, top_k):
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
 
 
+def flops_per_token(n_params, n_layer, n_embd, seq_len):
+    """Training FLOPs per token (forward + backward), nanoGPT's estimate after the PaLM paper's
+    appendix B: 6 per parameter (2 forward, 4 backward) plus 12 * layers * width * context for the
+    attention scores and their use, which no parameter count sees. MFU in train.py and bench/."""
+    return 6 * n_params + 12 * n_layer * n_embd * seq_len
+
+
 def _checkpoint_dir(name_or_dir):
     """The local directory for name_or_dir, downloading a preset from the Hub."""
     if isinstance(name_or_dir, (str, os.PathLike)) and os.path.isdir(name_or_dir):

@@ -20,13 +20,6 @@ def peak_flops(device):
     return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
 
 
-def flops_per_token(config, n_params, seq_len):
-    """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B:
-    6 per parameter (2 forward, 4 backward) plus the attention scores and their use,
-    12 * layers * width * context, which no parameter count sees."""
-    return 6 * n_params + 12 * config.n_layer * config.n_embd * seq_len
-
-
 def format_step(record):
     """One console line for a step's record."""
     mfu = f"{100 * record['mfu']:.1f}%" if record.get("mfu") is not None else "-"
