@@ -35,6 +35,7 @@ from data.tokenizer import EOT, gpt2_encoding
 
 DEFAULT_SHARD_TOKENS = 100_000_000
 HERE = os.path.dirname(os.path.abspath(__file__))
+DATASETS = ("shakespeare", "fineweb-edu")
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 FINEWEB = ("HuggingFaceFW/fineweb-edu", "sample-10BT")
 FINEWEB_DOCS = 9_672_101  # rows of sample-10BT, for the progress bar's total
@@ -168,10 +169,15 @@ def prepare_fineweb(out_dir, shard_tokens=DEFAULT_SHARD_TOKENS, workers=1, token
     return write_shards(docs, out_dir, "fineweb-edu", shard_tokens, shard_tokens)
 
 
+def default_out_dir(dataset):
+    """Where the shards of `dataset` go by default (and where train.py --data <dataset> reads them)."""
+    return os.path.join(HERE, dataset)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", choices=["shakespeare", "fineweb-edu"])
+    p.add_argument("dataset", choices=DATASETS)
     p.add_argument("--out-dir", help="where the shards go (default: data/<dataset>/ in the repository)")
     p.add_argument("--input", help="shakespeare only: the text file (default: download it)")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard")
@@ -188,7 +194,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    out_dir = args.out_dir or os.path.join(HERE, args.dataset)
+    out_dir = args.out_dir or default_out_dir(args.dataset)
     try:
         if args.dataset == "shakespeare":
             paths = prepare_shakespeare(out_dir, args.input, args.shard_tokens, args.workers, args.tokenizer_dir)

@@ -7,10 +7,10 @@ other source is GPT-2 BPE tokens in .npy shards, read by data.loader.TokenLoader
 import functools
 import importlib
 import inspect
-import os
 
 import numpy as np
 
+from data import prepare
 from data.loader import TokenLoader
 
 # Standard-library modules whose documentation makes the demo corpus.
@@ -23,7 +23,6 @@ CORPUS_MODULES = (
 DEMO_VOCAB = 256
 GPT2_VOCAB = 50304  # GPT-2's 50257 tokens padded to a multiple of 128 for faster matmuls
 DEMO_VAL_FRACTION = 0.1
-REPO_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
 
 def demo_corpus():
@@ -52,7 +51,7 @@ def demo_splits():
 
 def shard_dir(data):
     """The shard directory for --data: a name prepared by data.prepare, or a directory."""
-    return os.path.join(REPO_DATA, data) if data in ("shakespeare", "fineweb-edu") else data
+    return prepare.default_out_dir(data) if data in prepare.DATASETS else data
 
 
 def loader(args, split, procs):

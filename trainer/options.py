@@ -7,9 +7,10 @@ learning rate, 715 warmup steps, 19073 steps = one pass over 10B FineWeb-Edu tok
 import argparse
 import os
 
+from data import prepare
 from model.gpt import PRESETS
 
-DATASETS = ("demo", "shakespeare", "fineweb-edu")
+DATASETS = ("demo",) + prepare.DATASETS
 
 # Defaults left as None by argparse are filled from the mode's table.
 DEMO_DEFAULTS = dict(preset="tiny", batch_size=32, seq_len=128, total_batch=None, max_steps=1000,
