@@ -97,3 +97,24 @@ def assert_compiled_matches_eager(fn, inputs, rtol=1e-6, atol=1e-6):
     torch.testing.assert_close(got, want, rtol=rtol, atol=0)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol)
+
+
+def leaf(t, requires_grad=True):
+    """A fresh leaf copy of t (None stays None), so every call under test starts its own graph."""
+    return None if t is None else t.detach().clone().requires_grad_(requires_grad)
+
+
+def spy(monkeypatch, name, fn=None, calls=None):
+    """Replace kernels.<name> by a wrapper that appends name to `calls` (a new list by default) and
+    then runs fn (default: the current kernels.<name>); returns the list."""
+    import kernels
+
+    calls = [] if calls is None else calls
+    fn = getattr(kernels, name) if fn is None else fn
+
+    def wrapper(*args, **kwargs):
+        calls.append(name)
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, name, wrapper, raising=False)
+    return calls

@@ -4,7 +4,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_2x, assert_compiled_matches_eager, dtypes_for, forbid_launches
+from helpers import assert_close_2x, assert_compiled_matches_eager, dtypes_for, forbid_launches, leaf
 
 from kernels import cross_entropy, linear_cross_entropy, reference
 
@@ -14,10 +14,6 @@ ce_module = importlib.import_module("kernels.cross_entropy")
 # The kernels have no tl.dot, so the interpreter computes bf16 correctly: test it on CPU too.
 DTYPES = dtypes_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"), bf16_in_interpreter=True)
 REDUCTIONS = ("mean", "sum", "none")
-
-
-def _leaf(t):
-    return None if t is None else t.detach().clone().requires_grad_(True)
 
 
 def _upstream(reduction, N, device):
@@ -40,7 +36,7 @@ def _call_linear(fn, leaves, targets, options):
 
 def _run(call, fn, inputs, targets, options, dloss):
     """Forward and backward; returns [loss, grad of every input] (None where an input is None)."""
-    leaves = [_leaf(t) for t in inputs]
+    leaves = [leaf(t) for t in inputs]
     loss = call(fn, leaves, targets, options)
     loss.backward(dloss.to(loss.dtype))
     return [loss] + [None if t is None else t.grad for t in leaves]
@@ -122,7 +118,7 @@ def test_non_contiguous_logits(layout, device):
                                                         ("none", 0.0)])
 def test_every_row_ignored(reduction, label_smoothing, device):
     """As PyTorch: mean is nan (0 / 0), sum 0, none all zeros; the gradient is zero."""
-    logits = _leaf(_logits(5, 40, torch.float32, device))
+    logits = leaf(_logits(5, 40, torch.float32, device))
     targets = torch.full((5,), -1, device=device)
     options = dict(ignore_index=-1, reduction=reduction, label_smoothing=label_smoothing)
     loss = cross_entropy(logits, targets, **options)
@@ -133,7 +129,7 @@ def test_every_row_ignored(reduction, label_smoothing, device):
 
 
 def test_empty_batch(device):
-    logits = _leaf(torch.zeros(0, 50, device=device))
+    logits = leaf(torch.zeros(0, 50, device=device))
     targets = torch.zeros(0, dtype=torch.long, device=device)
     assert torch.isnan(cross_entropy(logits, targets))
     assert cross_entropy(logits, targets, reduction="none").shape == (0,)
@@ -142,7 +138,7 @@ def test_empty_batch(device):
 
 
 def test_gradcheck_float64(device):
-    logits = _leaf(torch.randn(5, 13, device=device, dtype=torch.float64))
+    logits = leaf(torch.randn(5, 13, device=device, dtype=torch.float64))
     targets = _targets(5, 13, device, every=3)
     for reduction in REDUCTIONS:
         assert torch.autograd.gradcheck(
@@ -151,7 +147,7 @@ def test_gradcheck_float64(device):
 
 
 def test_callers_logits_unchanged_and_backward_deterministic(device):
-    logits = _leaf(_logits(17, 700, torch.float16, device))
+    logits = leaf(_logits(17, 700, torch.float16, device))
     before = logits.detach().clone()
     targets = _targets(17, 700, device)
     grads = []
@@ -218,7 +214,7 @@ def test_linear_chunks_follow_the_budget(budget_rows, expected, device, monkeypa
 
 
 def test_linear_every_row_ignored_and_all_options(device):
-    x, w, b = [_leaf(t) for t in _linear_inputs(6, 8, 30, torch.float32, device)]
+    x, w, b = [leaf(t) for t in _linear_inputs(6, 8, 30, torch.float32, device)]
     targets = torch.full((6,), -100, device=device)
     loss = linear_cross_entropy(x, w, targets, b, label_smoothing=0.2)
     assert torch.isnan(loss)
@@ -244,7 +240,7 @@ def test_linear_with_tied_embedding_weight(device):
 
 def test_linear_gradcheck_float64(device, monkeypatch):
     monkeypatch.setattr(ce_module, "CHUNK_BYTES", 2 * 11 * 8)  # chunks of 2 rows
-    x, w, b = [_leaf(t) for t in _linear_inputs(5, 4, 11, torch.float64, device)]
+    x, w, b = [leaf(t) for t in _linear_inputs(5, 4, 11, torch.float64, device)]
     targets = _targets(5, 11, device, every=3)
     for reduction in REDUCTIONS:
         assert torch.autograd.gradcheck(
@@ -267,7 +263,7 @@ def test_linear_only_requested_gradients_and_inputs_unchanged(device):
 
 def test_linear_backward_deterministic(device, monkeypatch):
     monkeypatch.setattr(ce_module, "CHUNK_BYTES", 4 * 100 * 2)
-    x, w, b = [_leaf(t) for t in _linear_inputs(13, 16, 100, torch.float16, device)]
+    x, w, b = [leaf(t) for t in _linear_inputs(13, 16, 100, torch.float16, device)]
     targets = _targets(13, 100, device)
     grads = []
     for reduction in ("mean", "none", "mean", "none"):
@@ -282,7 +278,7 @@ def test_linear_backward_deterministic(device, monkeypatch):
 
 def test_linear_under_autocast_casts_like_f_linear(device):
     fast = torch.float16 if device.type == "cuda" else torch.bfloat16
-    x, w, _ = [_leaf(t) for t in _linear_inputs(6, 16, 50, torch.float32, device, bias=False)]
+    x, w, _ = [leaf(t) for t in _linear_inputs(6, 16, 50, torch.float32, device, bias=False)]
     targets = _targets(6, 50, device)
     with torch.autocast(device.type, dtype=fast):
         loss = linear_cross_entropy(x, w, targets)
@@ -370,7 +366,7 @@ def test_bad_input(case, error, words, device, no_launch):
     ("weight_device", ValueError, "weight is on meta"),
 ])
 def test_linear_bad_input(case, error, words, device, no_launch):
-    x, w, b = [_leaf(t) for t in _linear_inputs(4, 8, 10, torch.float32, device)]
+    x, w, b = [leaf(t) for t in _linear_inputs(4, 8, 10, torch.float32, device)]
     t = torch.tensor([1, 2, 3, -100], device=device)
     args, kwargs = {
         "x_1d": ((x[0], w, t), {}), "weight_shape": ((x, w[:, :7], t), {}),

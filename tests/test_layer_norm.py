@@ -3,7 +3,7 @@ import importlib
 
 import pytest
 import torch
-from helpers import assert_close_2x, assert_compiled_matches_eager, dtypes_for, forbid_launches
+from helpers import assert_close_2x, assert_compiled_matches_eager, dtypes_for, forbid_launches, leaf
 
 from kernels import layer_norm, reference
 
@@ -14,13 +14,9 @@ ln_module = importlib.import_module("kernels.layer_norm")
 DTYPES = dtypes_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"), bf16_in_interpreter=True)
 
 
-def _leaf(t, requires_grad=True):
-    return None if t is None else t.detach().clone().requires_grad_(requires_grad)
-
-
 def _run(fn, x, w, b, dy):
     """Forward and backward through fn; returns [y, dx, dw, db] (None where an input is None)."""
-    x, w, b = _leaf(x), _leaf(w), _leaf(b)
+    x, w, b = leaf(x), leaf(w), leaf(b)
     y = fn(x, w, b, 1e-5)
     y.backward(dy)
     return [y] + [None if t is None else t.grad for t in (x, w, b)]
@@ -77,22 +73,22 @@ def test_non_contiguous_input(layout, device):
 
 def test_broadcast_output_gradient(device):
     """y.sum().backward() hands the kernel a dy with all strides 0."""
-    x, w, b = [_leaf(t) for t in _inputs((7, 64), torch.float32, device)]
+    x, w, b = [leaf(t) for t in _inputs((7, 64), torch.float32, device)]
     layer_norm(x, w, b).sum().backward()
-    xr, wr, br = [_leaf(t.double()) for t in (x, w, b)]
+    xr, wr, br = [leaf(t.double()) for t in (x, w, b)]
     reference.layer_norm(xr, wr, br).sum().backward()
     for got, want in zip((x.grad, w.grad, b.grad), (xr.grad, wr.grad, br.grad)):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_gradcheck_float64(device):
-    x, w, b = [_leaf(t) for t in _inputs((3, 4, 10), torch.float64, device)]
+    x, w, b = [leaf(t) for t in _inputs((3, 4, 10), torch.float64, device)]
     assert torch.autograd.gradcheck(lambda *a: layer_norm(*a, eps=1e-5), (x, w, b))
 
 
 def test_backward_is_deterministic(device):
     # 203 rows of 64: several persistent programs, each with a partial sum of dw and db.
-    x, w, b = [_leaf(t) for t in _inputs((203, 64), torch.float16, device)]
+    x, w, b = [leaf(t) for t in _inputs((203, 64), torch.float16, device)]
     dy = torch.randn(203, 64, device=device).half()
     grads = []
     for _ in range(3):
@@ -120,7 +116,7 @@ def test_only_requested_gradients(device):
 
 
 def test_inputs_are_not_modified(device):
-    x, w, b = [_leaf(t) for t in _inputs((13, 96), torch.float32, device)]
+    x, w, b = [leaf(t) for t in _inputs((13, 96), torch.float32, device)]
     before = [t.detach().clone() for t in (x, w, b)]
     dy = torch.randn(13, 96, device=device)
     dy_before = dy.clone()
@@ -139,7 +135,7 @@ def _count_saved(fn):
 def test_nothing_saved_without_grad(device):
     x, w, b = _inputs((4, 32), torch.float32, device)
     assert _count_saved(lambda: layer_norm(x, w, b)) == 0
-    xg = _leaf(x)
+    xg = leaf(x)
     with torch.no_grad():
         assert _count_saved(lambda: layer_norm(xg, w, b)) == 0
     assert _count_saved(lambda: layer_norm(xg, w, b)) > 0
@@ -161,7 +157,7 @@ def test_statistics_are_not_written_without_grad(device, monkeypatch):
 
 
 def test_empty_rows(device):
-    x, w, b = [_leaf(t) for t in _inputs((0, 768), torch.float32, device)]
+    x, w, b = [leaf(t) for t in _inputs((0, 768), torch.float32, device)]
     y = layer_norm(x, w, b)
     assert y.shape == (0, 768)
     y.sum().backward()

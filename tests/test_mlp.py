@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 import torch
-from helpers import assert_close_2x, dtypes_for, forbid_launches
+from helpers import assert_close_2x, dtypes_for, forbid_launches, leaf
 
 from kernels import gelu_mlp, reference
 
@@ -18,13 +18,9 @@ DTYPES = dtypes_for(torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NAMES = ("y", "dx", "dfc_weight", "dfc_bias", "dproj_weight", "dproj_bias")
 
 
-def _leaf(t):
-    return None if t is None else t.detach().clone().requires_grad_(True)
-
-
 def _run(fn, inputs, dy, **kwargs):
     """Forward and backward through fn; [y, dx, dW1, db1, dW2, db2] (None where an input is None)."""
-    leaves = [_leaf(t) for t in inputs]
+    leaves = [leaf(t) for t in inputs]
     y = fn(*leaves, **kwargs)
     y.backward(dy)
     return [y] + [None if t is None else t.grad for t in leaves]
@@ -103,13 +99,13 @@ def test_split_k_weight_gradients(device, monkeypatch):
 
 
 def test_gradcheck_float64(device):
-    inputs = [_leaf(t) for t in _inputs((3,), 5, 7, torch.float64, device)]
+    inputs = [leaf(t) for t in _inputs((3,), 5, 7, torch.float64, device)]
     assert torch.autograd.gradcheck(gelu_mlp, inputs, fast_mode=True)
     assert torch.autograd.gradcheck(lambda *a: gelu_mlp(*a, approximate="none"), inputs, fast_mode=True)
 
 
 def test_backward_is_deterministic(device):
-    inputs = [_leaf(t) for t in _inputs((131,), 64, 96, torch.float16, device)]
+    inputs = [leaf(t) for t in _inputs((131,), 64, 96, torch.float16, device)]
     dy = _dy(inputs)
     grads = []
     for _ in range(2):
@@ -137,7 +133,7 @@ def test_nothing_saved_without_grad_and_inputs_unchanged(device):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         gelu_mlp(*inputs)
         assert saved == []
-        leaves = [_leaf(t) for t in inputs]
+        leaves = [leaf(t) for t in inputs]
         y = gelu_mlp(*leaves)
     assert len(saved) == 5  # x, both weights, the pre-activation and the activation
     before = [t.detach().clone() for t in leaves]
@@ -146,7 +142,7 @@ def test_nothing_saved_without_grad_and_inputs_unchanged(device):
 
 
 def test_empty_rows(device):
-    inputs = [_leaf(t) for t in _inputs((0,), 64, 96, torch.float32, device)]
+    inputs = [leaf(t) for t in _inputs((0,), 64, 96, torch.float32, device)]
     y = gelu_mlp(*inputs)
     assert y.shape == (0, 64)
     y.sum().backward()
@@ -169,7 +165,7 @@ def test_torch_compile_fullgraph(device):
         return (gelu_mlp(*args) ** 2).sum()
 
     compiled = torch.compile(loss, fullgraph=True)
-    leaves, leaves_c = [_leaf(t) for t in inputs], [_leaf(t) for t in inputs]
+    leaves, leaves_c = [leaf(t) for t in inputs], [leaf(t) for t in inputs]
     eager_loss, compiled_loss = loss(*leaves), compiled(*leaves_c)
     eager_loss.backward()
     compiled_loss.backward()

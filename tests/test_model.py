@@ -11,7 +11,7 @@ import torch
 import kernels
 from model import GPT, GPTConfig
 from model import gpt
-from helpers import assert_close_2x
+from helpers import assert_close_2x, spy
 
 TINY = GPTConfig.from_name("tiny")
 
@@ -23,18 +23,6 @@ def tiny(device="cpu", **overrides):
 def batch(device="cpu", B=2, T=24):
     idx = torch.randint(0, TINY.vocab_size, (B, T), device=device)
     return idx, torch.randint(0, TINY.vocab_size, (B, T), device=device)
-
-
-def spy(monkeypatch, name, fn):
-    """Replace kernels.<name> by a wrapper of fn that records its calls; returns the call list."""
-    calls = []
-
-    def wrapper(*args, **kwargs):
-        calls.append(name)
-        return fn(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, name, wrapper, raising=False)
-    return calls
 
 
 # ---------------------------------------------------------------- config and presets

@@ -5,22 +5,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_2x
+from helpers import assert_close_2x, spy
 
-import kernels
 from kernels import nn as knn, reference
-
-
-def spy(monkeypatch, name):
-    calls = []
-    real = getattr(kernels, name)
-
-    def wrapper(*args, **kwargs):
-        calls.append(name)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, name, wrapper)
-    return calls
 
 
 class TorchMLP(torch.nn.Module):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import assert_close_2x
+from helpers import assert_close_2x, spy
 
 import kernels
 from nanogpt import NanoGPT, NanoLayerNorm, NanoMLP
@@ -19,13 +19,7 @@ def spy_ops(monkeypatch):
     """Record every call of the kernels (still running them); returns the list of op names."""
     calls = []
     for name in OPS:
-        real = getattr(kernels, name)
-
-        def wrapper(*args, _name=name, _real=real, **kwargs):
-            calls.append(_name)
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(kernels, name, wrapper)
+        spy(monkeypatch, name, calls=calls)
     return calls
 
 
