@@ -1,7 +1,7 @@
 """Train GPT-2 with the tritongpt kernels: an offline demo, or the GPT-2 (124M) reproduction.
 
     python train.py                                        # offline demo: tiny model, bytes, a few CPU minutes
-    python -m data.prepare fineweb-edu                     # once: 10B tokens of FineWeb-Edu as shards
+    python -m tritongpt.data.prepare fineweb-edu                     # once: 10B tokens of FineWeb-Edu as shards
     python train.py --data fineweb-edu                     # the GPT-2 124M recipe on one GPU
     torchrun --standalone --nproc_per_node=8 train.py --data fineweb-edu --compile   # on 8 GPUs
     python train.py --data fineweb-edu --resume auto       # continue from out/ckpt.pt
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from model.gpt import GPT, PRESETS, GPTConfig, flops_per_token, kernel_ops
-from trainer import checkpoint, data, distributed, logs, options
+from tritongpt.model.gpt import GPT, PRESETS, GPTConfig, flops_per_token, kernel_ops
+from tritongpt.trainer import checkpoint, data, distributed, logs, options
 
 GRAD_CLIP = 1.0
 # Options that may change between a run and its resumption without changing its numbers.
@@ -113,7 +113,7 @@ def hellaswag_file(args, procs):
     """The HellaSwag file to evaluate on, or None (demo runs, --hellaswag off, auto and not cached)."""
     if args.data == "demo" or args.hellaswag == "off":
         return None
-    from data import hellaswag
+    from tritongpt.data import hellaswag
     if args.hellaswag == "auto":
         path = hellaswag.cached_path()
         return path if os.path.isfile(path) else None
@@ -141,7 +141,7 @@ def load_codec(args, hellaswag, procs):
 
 
 def hellaswag_accuracy(model, path, codec, device, procs):
-    from data import hellaswag
+    from tritongpt.data import hellaswag
     model.eval()
     with autocast(device):
         correct, total = hellaswag.evaluate(model, path, device, codec, rank=procs.rank,

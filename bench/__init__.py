@@ -1,10 +1,10 @@
 """Benchmarks: one module per op (bench_<op>.py), the end-to-end training step (bench_model.py),
 shared plumbing and the module protocol in harness.py, rendering in report.py.
 
-    python -m bench [--quick] [--only OPS] [--no-compile] [--out-dir DIR]   # everything, one file
+    python -m tritongpt.bench [--quick] [--only OPS] [--no-compile] [--out-dir DIR]   # everything, one file
     python bench/bench_layer_norm.py [--quick] ...                           # one module alone
-    python -m bench.report                                                  # results -> REPORT.md + PNGs
-    python -m bench.readme_table                                            # results -> README's table
+    python -m tritongpt.bench.report                                                  # results -> REPORT.md + PNGs
+    python -m tritongpt.bench.readme_table                                            # results -> README's table
     pytest bench --benchmark-only                                           # op cases, pytest-benchmark
     bash bench/validate_gpu.sh [OUT_DIR]                                    # CUDA tests + quick suite
 

@@ -1,6 +1,6 @@
 """Run every benchmark in one process, write one results file, and render the report.
 
-    python -m bench [--quick] [--only OPS] [--no-compile] [--out-dir bench/results]
+    python -m tritongpt.bench [--quick] [--only OPS] [--no-compile] [--out-dir bench/results]
 
 Runs collect() of every bench/bench_<name>.py that follows the protocol of bench/harness.py (the
 op benchmarks first, bench_model last), merges their rows and metas into one results file
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench import harness, report
+from tritongpt.bench import harness, report
 
 
 def run_modules(modules, args, meta, save=lambda rows, extra=None: None):
@@ -81,10 +81,10 @@ def render(out_dir):
 
 def main(argv=None):
     args = harness.arg_parser(__doc__.splitlines()[0]).parse_args(argv)
-    if not harness.require_cuda("python -m bench"):
+    if not harness.require_cuda("python -m tritongpt.bench"):
         return 0
     modules, problems = harness.discover_modules(args.only)
-    command = ["python", "-m", "bench"] + list(sys.argv[1:] if argv is None else argv)
+    command = ["python", "-m", "tritongpt.bench"] + list(sys.argv[1:] if argv is None else argv)
     meta = harness.machine_meta(shlex.join(command))
     for name, why in problems.items():
         print(f"{name}: skipped, {why}")

@@ -1,7 +1,7 @@
 """Benchmark causal attention: the Triton FlashAttention against SDPA's backends and the math reference.
 
     python bench/bench_attention.py [--quick] [--out-dir bench/results]
-    python -m bench.bench_attention ...
+    python -m tritongpt.bench.bench_attention ...
 
 Shapes: B = 16, H = 12 (GPT-2 124M), causal, bf16, T in {256, ..., 8192} at D = 64 (GPT-2's head
 dim at every size) and at D = 128; --quick runs T in {1024, 4096} at D = 64. Modes fwd, bwd and
@@ -27,14 +27,10 @@ and left out; the run goes on. The module follows the benchmark protocol of benc
 """
 import functools
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from bench import harness  # noqa: E402
+from tritongpt.bench import harness
 
 OP = "attention"
 OPS = (OP,)
@@ -72,7 +68,7 @@ def _pinned_sdpa(backend):
 def providers(no_compile=False):
     """({name: fn(q, k, v)}, {name: why skipped}) for every provider this machine can offer.
     no_compile is accepted for the shared command line and changes nothing (see the docstring)."""
-    from kernels import flash_attention
+    from tritongpt.kernels import flash_attention
 
     fns = {"triton": flash_attention}
     skipped = {}

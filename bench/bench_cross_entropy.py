@@ -1,7 +1,7 @@
 """Benchmark cross-entropy and linear + cross-entropy: Triton against PyTorch eager, torch.compile, Liger.
 
     python bench/bench_cross_entropy.py [--quick] [--no-compile] [--out-dir bench/results]
-    python -m bench.bench_cross_entropy ...
+    python -m tritongpt.bench.bench_cross_entropy ...
 
 Shapes: N in {4096, 16384, 32768} rows (GPT-2 124M's B*T is 16384), V = 50257, bf16; linear
 cross-entropy with C = 768 (GPT-2's lm_head). Modes fwd, bwd and fwd_bwd, loss "mean" with
@@ -27,14 +27,10 @@ The module follows the benchmark protocol of bench/harness.py (OPS, collect, cas
 """
 import functools
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from bench import harness  # noqa: E402
+from tritongpt.bench import harness
 
 OPS = ("cross_entropy", "linear_cross_entropy")
 ROWS = (4096, 16384, 32768)
@@ -60,8 +56,8 @@ def linear_cross_entropy_flops(N, width, vocab, mode):
 
 def providers(op, no_compile=False):
     """({name: fn(*inputs, targets)}, {name: why skipped}) for `op` on this machine."""
-    import kernels
-    from kernels import reference
+    from tritongpt import kernels
+    from tritongpt.kernels import reference
 
     ours, ref = getattr(kernels, op), getattr(reference, op)
     fns = {"triton": ours, "torch": ref}

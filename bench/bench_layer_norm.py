@@ -1,7 +1,7 @@
 """Benchmark LayerNorm: the Triton kernel against PyTorch eager, torch.compile and Liger-Kernel.
 
     python bench/bench_layer_norm.py [--quick] [--no-compile] [--out-dir bench/results]
-    python -m bench.bench_layer_norm ...
+    python -m tritongpt.bench.bench_layer_norm ...
 
 Shapes: 16384 rows (GPT-2 124M's B*T) by C in {768, 1024, 1600, 4096}, bf16 activations and
 parameters; modes fwd, bwd and fwd_bwd. Inputs require grad in every mode, so the forward is the
@@ -29,14 +29,10 @@ follows the benchmark protocol of bench/harness.py (OPS, collect, cases, main).
 """
 import functools
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from bench import harness  # noqa: E402
+from tritongpt.bench import harness
 
 OP = "layer_norm"
 OPS = (OP,)
@@ -59,7 +55,7 @@ def layer_norm_bytes(rows, C, mode, itemsize=2, param_itemsize=None):
 
 def providers(no_compile=False):
     """({name: fn(x, w, b)}, {name: why skipped}) for every provider this machine can offer."""
-    from kernels import layer_norm, reference
+    from tritongpt.kernels import layer_norm, reference
 
     fns = {"triton": layer_norm, "torch": reference.layer_norm}
     skipped = {}

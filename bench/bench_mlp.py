@@ -1,7 +1,7 @@
 """Benchmark the GELU MLP: the fused Triton kernels against PyTorch eager and torch.compile.
 
     python bench/bench_mlp.py [--quick] [--no-compile] [--out-dir bench/results]
-    python -m bench.bench_mlp ...
+    python -m tritongpt.bench.bench_mlp ...
 
 Shapes: 16384 rows (GPT-2 124M's B*T) by C in {768, 1024, 1280, 1600} (the GPT-2 widths), hidden
 H = 4C, bf16 activations and parameters, both biases; modes fwd, bwd and fwd_bwd. Inputs require
@@ -34,14 +34,10 @@ protocol of bench/harness.py (OPS, collect, cases, main).
 """
 import functools
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from bench import harness  # noqa: E402
+from tritongpt.bench import harness
 
 OP = "mlp"
 OPS = (OP,)
@@ -61,7 +57,7 @@ def mlp_flops(rows, C, mode, hidden=None):
 
 def providers(no_compile=False):
     """({name: fn(x, w1, b1, w2, b2)}, {name: why skipped}) for every provider this machine can offer."""
-    from kernels import gelu_mlp, reference
+    from tritongpt.kernels import gelu_mlp, reference
 
     fns = {"triton": gelu_mlp, "torch": reference.gelu_mlp}
     skipped = {"liger": "Liger-Kernel has no GPT-2 (non-gated GELU) MLP"}

@@ -1,7 +1,7 @@
 """Benchmark one GPT-2 124M training step with every kernel combination, eager and compiled.
 
     python bench/bench_model.py [--quick] [--no-compile] [--out-dir bench/results]
-    python -m bench.bench_model ...
+    python -m tritongpt.bench.bench_model ...
 
 One step = forward under bf16 autocast (T = 1024, random tokens), loss.backward(), AdamW.step()
 (fused), zero_grad. Model variants, by provider (op "train_step", mode "fwd_bwd"):
@@ -17,7 +17,7 @@ running out of memory; every variant is then measured at that B (so ratios compa
 and a variant that runs out of memory there is recorded in meta["skipped"]. The search is in
 meta["batch_search"], the result in meta["max_batch"]. --quick compiles only torch_compile and
 triton+compile, at B = 16; a full run compiles every variant at both batch sizes. Variants run
-most important first (`variants`), and under `python -m bench` the rows are saved after each
+most important first (`variants`), and under `python -m tritongpt.bench` the rows are saved after each
 one, so a run cut short keeps the headline numbers.
 
 Numbers per row: time (median of many steps, triton.testing.do_bench, after WARMUP_STEPS
@@ -37,16 +37,12 @@ optimizer state and activations), torch.cuda.max_memory_allocated.
 """
 import gc
 import sys
-from pathlib import Path
 from typing import NamedTuple
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from bench import harness  # noqa: E402
-from model.gpt import flops_per_token  # noqa: E402  (6*N + 12*L*C*T, see the docstring)
+from tritongpt.bench import harness
+from tritongpt.model.gpt import flops_per_token  # (6*N + 12*L*C*T, see the docstring)
 
 OP = "train_step"
 OPS = (OP,)
@@ -70,7 +66,7 @@ class Variant(NamedTuple):
 
 def model_flops_per_token(config, seq_len=T):
     """flops_per_token for a GPTConfig, counting its parameters on the meta device (no memory)."""
-    from model.gpt import GPT
+    from tritongpt.model.gpt import GPT
 
     with torch.device("meta"):
         n_params = GPT(config).num_params(non_embedding=True)
@@ -145,7 +141,7 @@ def release_memory():
 
 def build(kernels, compiled, device="cuda", preset=PRESET):
     """(model, the callable the step runs (the model or its compiled version), AdamW)."""
-    from model.gpt import GPT, GPTConfig
+    from tritongpt.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     config = GPTConfig.from_name(preset, kernels=kernels, dropout=0.0)
@@ -229,7 +225,7 @@ def run(plan, measure_fn, flops_tok, skipped, seq_len=T, progress=None):
 
 def collect(args):
     """The benchmark protocol (bench/harness.py): (rows, meta_extra) of one run on CUDA."""
-    from model.gpt import GPTConfig, available_kernels
+    from tritongpt.model.gpt import GPTConfig, available_kernels
 
     def try_batch(batch):
         # two steps: the second also holds the optimizer state the first one creates

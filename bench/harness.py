@@ -1,7 +1,7 @@
 """Shared plumbing for the benchmarks: timing, memory, throughput, machine metadata, results files,
 and the one protocol every benchmark module follows.
 
-The protocol. `python -m bench` runs every module `bench/bench_<name>.py` that has:
+The protocol. `python -m tritongpt.bench` runs every module `bench/bench_<name>.py` that has:
 
     OPS = ("layer_norm",)            # the DESIGN.md op names its rows carry (for --only)
     def collect(args): ...           # -> (rows, meta_extra); runs on CUDA only, writes nothing
@@ -499,7 +499,7 @@ def merge_meta(meta, extra):
 
 def save_and_show(rows, meta, out_dir, name=None):
     """Write one results file, print its rendered tables and its path; return the path."""
-    from bench.report import render_markdown
+    from tritongpt.bench.report import render_markdown
 
     path = write_results(rows, meta, out_dir, name=name)
     print(render_markdown([dict(load_results(path), path=str(path))]))
@@ -540,7 +540,7 @@ def discover_modules(only=None):
     modules, problems = [], {}
     for name in names:
         try:
-            module = importlib.import_module(f"bench.{name}")
+            module = importlib.import_module(f"tritongpt.bench.{name}")
         except Exception as e:  # noqa: BLE001  (one broken module must not stop the others)
             problems[name] = f"import failed: {type(e).__name__}: {e}"
             continue

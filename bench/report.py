@@ -1,6 +1,6 @@
 """Render benchmark results files into markdown tables and PNG plots.
 
-    python -m bench.report [FILES...] [--out bench/results/REPORT.md] [--plots-dir bench/results/plots]
+    python -m tritongpt.bench.report [FILES...] [--out bench/results/REPORT.md] [--plots-dir bench/results/plots]
 
 With no FILES, every *.json under bench/results/ is rendered. Each file gets a header (GPU,
 versions, date, commit) and, per op, two tables: the median time of every provider with its
@@ -14,7 +14,7 @@ import math
 import os
 from pathlib import Path
 
-from bench.harness import PROVIDERS, RESULTS_DIR, load_results
+from tritongpt.bench.harness import PROVIDERS, RESULTS_DIR, load_results
 
 BASELINE = "torch"
 # (row key, column heading, format) for the second table, in column order; a column appears only

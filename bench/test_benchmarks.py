@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from bench import harness
+from tritongpt.bench import harness
 
 HAS_CUDA = torch.cuda.is_available()
 NO_CUDA = "op benchmarks need a CUDA GPU (none found)"

@@ -9,14 +9,14 @@
 #   validate.log          everything printed, with the machine, versions and per-stage times
 #   tests.xml             JUnit report of the test suite on CUDA
 #   pytest-benchmark.json pytest-benchmark's data for the smoke run (our kernels' cases)
-#   suite-*.json          the results file of `python -m bench` (DESIGN.md format)
+#   suite-*.json          the results file of `python -m tritongpt.bench` (DESIGN.md format)
 #   REPORT.md             that file rendered; plots.tar.gz, its PNG plots
 #
 # Budget (wall clock caps, each stage is killed at its cap and the next one runs):
 #   tests TEST_TIMEOUT=180 s, smoke PYTEST_BENCH_TIMEOUT=40 s, benchmark BENCH_TIMEOUT=270 s,
 #   so the whole script ends within about 8.5 minutes (these are estimates, not yet timed on a GPU;
 #   the benchmark saves its results file as it goes, so a capped run keeps what it measured). BENCH_ARGS (default --quick) is passed to
-#   `python -m bench`; set BENCH_ARGS="" for the full run (longer: run it on its own).
+#   `python -m tritongpt.bench`; set BENCH_ARGS="" for the full run (longer: run it on its own).
 # Liger-Kernel, if its wheel is in .whl/ (carried to the machine), is installed to /tmp/site
 # first and becomes the extra "liger" baseline; without it the run goes on without Liger.
 # Exit status: 0 when every stage passed, else 1 (the log says which failed).

@@ -17,7 +17,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from data._files import fetch
+from tritongpt.data._files import fetch
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "tritongpt")

@@ -125,13 +125,13 @@ class TokenLoader:
 
     @classmethod
     def from_dir(cls, data_dir, split, batch_size, seq_len, rank=0, world_size=1, seed=0, **kwargs):
-        """A loader over data_dir's `*_<split>_*.npy` shards (what `python -m data.prepare` writes)."""
+        """A loader over data_dir's `*_<split>_*.npy` shards (what `python -m tritongpt.data.prepare` writes)."""
         shards = sorted(glob.glob(os.path.join(glob.escape(str(data_dir)), f"*_{split}_*.npy")))
         if not shards:
             raise FileNotFoundError(
                 f"no {split} shards (*_{split}_*.npy) in {data_dir}; prepare them first, e.g. "
-                f"`python -m data.prepare fineweb-edu --out-dir {data_dir}` or "
-                f"`python -m data.prepare shakespeare --out-dir {data_dir}`")
+                f"`python -m tritongpt.data.prepare fineweb-edu --out-dir {data_dir}` or "
+                f"`python -m tritongpt.data.prepare shakespeare --out-dir {data_dir}`")
         return cls(shards, batch_size, seq_len, rank=rank, world_size=world_size, seed=seed, **kwargs)
 
     @property

@@ -1,7 +1,7 @@
 """Tokenize a dataset with GPT-2's BPE into uint16 .npy shards for data.loader.TokenLoader.
 
-    python -m data.prepare shakespeare [--input FILE]       # tiny Shakespeare, ~331K tokens, seconds
-    python -m data.prepare fineweb-edu                       # FineWeb-Edu sample-10BT, ~10B tokens, hours
+    python -m tritongpt.data.prepare shakespeare [--input FILE]       # tiny Shakespeare, ~331K tokens, seconds
+    python -m tritongpt.data.prepare fineweb-edu                       # FineWeb-Edu sample-10BT, ~10B tokens, hours
 
 Options: --out-dir DIR (default data/<name>/ in the repository), --shard-tokens N (default 1e8),
 --workers N (processes tokenizing in parallel), --tokenizer-dir DIR (a folder with GPT-2's
@@ -30,8 +30,8 @@ import time
 
 import numpy as np
 
-from data._files import fetch, save_tokens
-from data.tokenizer import EOT, gpt2_encoding
+from tritongpt.data._files import fetch, save_tokens
+from tritongpt.data.tokenizer import EOT, gpt2_encoding
 
 DEFAULT_SHARD_TOKENS = 100_000_000
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -175,7 +175,7 @@ def default_out_dir(dataset):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tritongpt.data.prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", choices=DATASETS)
     p.add_argument("--out-dir", help="where the shards go (default: data/<dataset>/ in the repository)")
@@ -201,7 +201,7 @@ def main(argv=None):
         else:
             paths = prepare_fineweb(out_dir, args.shard_tokens, args.workers, args.tokenizer_dir)
     except (RuntimeError, OSError, ValueError) as err:
-        sys.exit(f"data.prepare: {err}")
+        sys.exit(f"tritongpt.data.prepare: {err}")
     sizes = [len(np.load(p, mmap_mode="r")) for p in paths]
     print(f"wrote {len(paths)} shards to {out_dir}: val {sizes[0]:,} tokens, train {sum(sizes[1:]):,} tokens")
     return paths

@@ -1,9 +1,9 @@
 """tritongpt kernels: fused Triton ops for GPT-2 training, each with a plain-PyTorch reference.
 
-    from kernels import layer_norm, flash_attention, gelu_mlp, cross_entropy, linear_cross_entropy
-    from kernels import reference           # the plain-PyTorch definition of every op
+    from tritongpt.kernels import layer_norm, flash_attention, gelu_mlp, cross_entropy, linear_cross_entropy
+    from tritongpt.kernels import reference           # the plain-PyTorch definition of every op
     kernels.patch(model)                    # swap the kernels into a transformers GPT-2 / nanoGPT model
-    from kernels import nn                  # LayerNorm, GeluMLP, CausalSelfAttention modules
+    from tritongpt.kernels import nn                  # LayerNorm, GeluMLP, CausalSelfAttention modules
 
 Every op is a torch.library custom op, so torch.compile(fullgraph=True) traces code that uses them.
 """

@@ -1,4 +1,4 @@
-"""What the compiler made of each kernel: `python -m kernels.inspect [--arch sm_90|sm_80|all] [--json]`.
+"""What the compiler made of each kernel: `python -m tritongpt.kernels.inspect [--arch sm_90|sm_80|all] [--json]`.
 
 Compiles every Triton kernel of the project ahead of time for H100 (sm_90) and A100 (sm_80), with
 no GPU and without running anything, at the block sizes and warp counts the launchers' own
@@ -274,8 +274,8 @@ def _torch():
 
 
 def _module(name):
-    # importlib, not `from kernels import layer_norm`: the package exports a function by that name
-    return importlib.import_module(f"kernels.{name}")
+    # importlib, not `from tritongpt.kernels import layer_norm`: the package exports a function by that name
+    return importlib.import_module(f"tritongpt.kernels.{name}")
 
 
 def specialize(fn, launch):
@@ -395,14 +395,14 @@ def _clean_env():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="python -m kernels.inspect", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tritongpt.kernels.inspect", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", choices=[*ARCHS, "all"], default="all")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     args = parser.parse_args(argv)
 
     if "TRITON_INTERPRET" in os.environ:
         # triton.jit gave interpreter objects, which cannot compile: do it in a clean process
-        return subprocess.run([sys.executable, "-m", "kernels.inspect", *argv], env=_clean_env()).returncode
+        return subprocess.run([sys.executable, "-m", "tritongpt.kernels.inspect", *argv], env=_clean_env()).returncode
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default; silences its warning
 
     rows = inspect_all(list(ARCHS) if args.arch == "all" else [args.arch])

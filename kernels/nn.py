@@ -1,6 +1,6 @@
 """nn.Module versions of the kernels for new code: LayerNorm, GeluMLP, CausalSelfAttention.
 
-    from kernels import nn as knn
+    from tritongpt.kernels import nn as knn
     ln = knn.LayerNorm(768)                          # nn.LayerNorm's constructor and names
     mlp = knn.GeluMLP(768)                           # c_fc / c_proj nn.Linear, as nanoGPT's MLP
     attn = knn.CausalSelfAttention(768, n_head=12)   # c_attn / c_proj nn.Linear, as nanoGPT's

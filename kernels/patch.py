@@ -402,7 +402,7 @@ def patch(model):
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if type(model).__module__ == "model.gpt":  # this project's GPT (kernels cannot import model/)
+    if type(model).__module__ == "tritongpt.model.gpt":  # this project's GPT (kernels cannot import model/)
         return PatchReport([Change("", type(model).__name__, False,
                                    "this project's model already runs the kernels: choose them with GPTConfig.kernels")])
     changes = []

@@ -28,9 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
-from kernels._utils import triton_runs_on
-from kernels.nn import merge_heads, split_heads
+from tritongpt import kernels
+from tritongpt.kernels._utils import triton_runs_on
+from tritongpt.kernels.nn import merge_heads, split_heads
 
 # op name in GPTConfig.kernels -> public function of the `kernels` package that implements it.
 # A kernel is available once `kernels` exports that function; the model needs no change then.

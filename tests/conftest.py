@@ -4,14 +4,21 @@ Without CUDA every kernel runs in Triton's interpreter on CPU tensors: TRITON_IN
 before Triton decorates the kernels, so it is set here, before any test module imports `kernels`.
 """
 import os
+import sys
 
 import pytest
 import torch
 
+# Test the installed package, `tritongpt`: `python -m pytest` puts the repository root on sys.path,
+# where its folders would pose as top-level packages named kernels, model, data... (Hugging Face's
+# own `kernels` package, which transformers looks for, among the names they would shadow).
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != REPO]
+
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kernels._utils import interpreting  # noqa: E402  (after TRITON_INTERPRET is settled)
+from tritongpt.kernels._utils import interpreting  # noqa: E402  (after TRITON_INTERPRET is settled)
 
 
 def _has_cuda():

@@ -107,7 +107,7 @@ def leaf(t, requires_grad=True):
 def spy(monkeypatch, name, fn=None, calls=None):
     """Replace kernels.<name> by a wrapper that appends name to `calls` (a new list by default) and
     then runs fn (default: the current kernels.<name>); returns the list."""
-    import kernels
+    from tritongpt import kernels
 
     calls = [] if calls is None else calls
     fn = getattr(kernels, name) if fn is None else fn

@@ -10,9 +10,9 @@ import pytest
 import torch
 from helpers import assert_close_2x, dtypes_for, forbid_launches
 
-from kernels import flash_attention, reference
+from tritongpt.kernels import flash_attention, reference
 
-at_module = importlib.import_module("kernels.attention")
+at_module = importlib.import_module("tritongpt.kernels.attention")
 ON_CUDA = torch.cuda.is_available()
 # bf16 is right in the interpreter too (its tiles are upcast to fp32 before tl.dot there).
 DTYPES = dtypes_for(torch.device("cuda" if ON_CUDA else "cpu"), bf16_in_interpreter=True)

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import __main__ as suite
-from bench import bench_cross_entropy as bce
-from bench import bench_layer_norm as bln
-from bench import bench_model as bm
-from bench import harness, readme_table, report
+from tritongpt.bench import __main__ as suite
+from tritongpt.bench import bench_cross_entropy as bce
+from tritongpt.bench import bench_layer_norm as bln
+from tritongpt.bench import bench_model as bm
+from tritongpt.bench import harness, readme_table, report
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = {"ms": 1.0, "ms_p20": 0.9, "ms_p80": 1.1}
@@ -260,7 +260,7 @@ def test_timers_on_gpu():
     assert harness.copy_bandwidth_gbps("cuda", nbytes=1 << 28) > 50
 
 
-# --- the module protocol and the suite (python -m bench) ------------------------------------------
+# --- the module protocol and the suite (python -m tritongpt.bench) ------------------------------------------
 
 def test_parse_ops_and_wants():
     assert harness.parse_ops("mlp, layer_norm,mlp") == ("mlp", "layer_norm")
@@ -330,7 +330,7 @@ def test_suite_writes_one_file_records_a_failure_and_renders(tmp_path, monkeypat
     [path] = tmp_path.glob("suite-*.json")
     data = harness.load_results(path)
     assert data["rows"] == sample_rows()
-    assert data["meta"]["command"] == "python -m bench --quick --out-dir " + str(tmp_path)
+    assert data["meta"]["command"] == "python -m tritongpt.bench --quick --out-dir " + str(tmp_path)
     assert data["meta"]["copy_gbps"] == 3000.0 and data["meta"]["matmul_tflops"] == 700.0
     assert data["meta"]["skipped"] == {"bench_old": "no collect", "layer_norm:liger": "not installed",
                                        "bench_mlp": "failed: RuntimeError: kernel exploded"}
@@ -356,7 +356,7 @@ def test_suite_saves_after_every_module_and_on_progress(monkeypatch):
 
 
 def test_suite_progress_save_keeps_the_partial_meta(tmp_path, monkeypatch):
-    """python -m bench cut short during a module: its file holds that module's rows and meta so far."""
+    """python -m tritongpt.bench cut short during a module: its file holds that module's rows and meta so far."""
     def interrupted(args):
         args.progress(sample_rows()[:2], {"max_batch": 32})
         raise KeyboardInterrupt  # the run is cut here (a timeout's signal, say)
@@ -376,7 +376,7 @@ def test_suite_progress_save_keeps_the_partial_meta(tmp_path, monkeypatch):
 def test_suite_skips_cleanly_without_cuda(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert suite.main(["--out-dir", str(tmp_path)]) == 0
-    assert capsys.readouterr().out == "python -m bench: skipped, needs a CUDA GPU (none found)\n"
+    assert capsys.readouterr().out == "python -m tritongpt.bench: skipped, needs a CUDA GPU (none found)\n"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -425,7 +425,7 @@ def test_flops_per_token_and_mfu_arithmetic():
 
 
 def test_gpt2_124m_flop_count():
-    from model.gpt import GPT, GPTConfig
+    from tritongpt.model.gpt import GPT, GPTConfig
 
     config = GPTConfig.from_name("gpt2")
     with torch.device("meta"):
@@ -578,7 +578,7 @@ def test_readme_rewrite_needs_the_markers():
 
 
 def test_repository_readme_table_is_up_to_date(capsys):
-    """README.md's block matches bench/results/ (run `python -m bench.readme_table` after adding results)."""
+    """README.md's block matches bench/results/ (run `python -m tritongpt.bench.readme_table` after adding results)."""
     assert readme_table.main(["--check"]) == 0, capsys.readouterr().out
 
 
@@ -637,7 +637,7 @@ def test_validate_gpu_script_keeps_results_of_a_capped_run(tmp_path):
 
 
 def test_bench_mlp_flop_counts():
-    from bench import bench_mlp as bmlp
+    from tritongpt.bench import bench_mlp as bmlp
 
     # N=4 rows, C=8, H=32: one matmul is 2*4*8*32 = 2048 FLOPs; fwd does 2, bwd 4
     assert bmlp.mlp_flops(4, 8, "fwd") == 2 * 2048
@@ -648,7 +648,7 @@ def test_bench_mlp_flop_counts():
 
 def test_bench_mlp_run_on_cpu(monkeypatch):
     """bench_mlp.run with the timers stubbed, few rows and fp32: one row per provider and mode."""
-    from bench import bench_mlp as bmlp
+    from tritongpt.bench import bench_mlp as bmlp
 
     monkeypatch.setattr(bmlp, "ROWS", 5)
     monkeypatch.setattr(bmlp, "DTYPE", torch.float32)
@@ -672,7 +672,7 @@ def test_bench_mlp_skips_cleanly_without_cuda(tmp_path):
 
 
 def test_bench_mlp_follows_the_protocol():
-    from bench import bench_mlp as bmlp
+    from tritongpt.bench import bench_mlp as bmlp
 
     assert bmlp.OPS == ("mlp",) and "bench_mlp" in [harness.module_name(m) for m in harness.discover_modules()[0]]
     args = harness.arg_parser("x").parse_args(["--quick", "--no-compile"])

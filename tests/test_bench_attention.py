@@ -5,8 +5,8 @@
 import pytest
 import torch
 
-from bench import bench_attention as ba
-from bench import harness
+from tritongpt.bench import bench_attention as ba
+from tritongpt.bench import harness
 
 TIMING = {"ms": 1.0, "ms_p20": 0.9, "ms_p80": 1.1}
 

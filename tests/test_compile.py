@@ -5,9 +5,9 @@ import torch
 from helpers import compile_fullgraph
 from nanogpt import NanoGPT
 
-import kernels
-from model import GPT, GPTConfig
-from model import gpt
+from tritongpt import kernels
+from tritongpt.model import GPT, GPTConfig
+from tritongpt.model import gpt
 
 
 def compiled_matches_eager(model, forward_args, backend="inductor"):

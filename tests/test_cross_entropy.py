@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close_2x, assert_compiled_matches_eager, dtypes_for, forbid_launches, leaf
 
-from kernels import cross_entropy, linear_cross_entropy, reference
+from tritongpt.kernels import cross_entropy, linear_cross_entropy, reference
 
 # The package exports the functions under the module's name, so fetch the module itself.
-ce_module = importlib.import_module("kernels.cross_entropy")
+ce_module = importlib.import_module("tritongpt.kernels.cross_entropy")
 
 # The kernels have no tl.dot, so the interpreter computes bf16 correctly: test it on CPU too.
 DTYPES = dtypes_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"), bf16_in_interpreter=True)

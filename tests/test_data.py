@@ -17,8 +17,8 @@ import tiktoken.load
 import torch
 import torch.nn.functional as F
 
-from data import hellaswag, prepare, tokenizer
-from data.loader import EOT, TokenLoader
+from tritongpt.data import hellaswag, prepare, tokenizer
+from tritongpt.data.loader import EOT, TokenLoader
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ def test_from_dir_memory_maps_the_split(tmp_path):
     assert all(isinstance(s, np.memmap) for s in loader.shards)
     assert loader.num_tokens == len(shards[1]) + len(shards[2])
     assert np.array_equal(stream_of(loader, 1), np.concatenate(shards[1:])[:6])
-    with pytest.raises(FileNotFoundError, match="python -m data.prepare"):
+    with pytest.raises(FileNotFoundError, match="python -m tritongpt.data.prepare"):
         TokenLoader.from_dir(tmp_path / "missing", "train", 2, 3)
 
 
@@ -467,7 +467,7 @@ def test_known_ending_wins(tmp_path):
 
 
 def test_tiny_gpt_batched_equals_one_row_at_a_time(tmp_path):
-    from model.gpt import GPT, GPTConfig
+    from tritongpt.model.gpt import GPT, GPTConfig
     model = GPT(GPTConfig.from_name("tiny", vocab_size=256, kernels="none")).eval()
     examples = hellaswag_examples(6, seed=2)
     path = write_hellaswag(tmp_path / "val.jsonl", examples)

@@ -1,4 +1,4 @@
-"""`python -m kernels.inspect`: every kernel compiles for H100 and A100 without a GPU, and what the
+"""`python -m tritongpt.kernels.inspect`: every kernel compiles for H100 and A100 without a GPU, and what the
 compiler made of it is sane (shared memory fits, no spills on the GPT-2 hot path, HGMMA for dots).
 
 It runs as a subprocess with TRITON_INTERPRET=1 set by conftest on CPU machines, which also checks
@@ -23,14 +23,14 @@ KNOWN_SPILLS = {
 
 @pytest.fixture(scope="module")
 def report():
-    proc = subprocess.run([sys.executable, "-m", "kernels.inspect", "--json", "--arch", "all"],
+    proc = subprocess.run([sys.executable, "-m", "tritongpt.kernels.inspect", "--json", "--arch", "all"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout)
 
 
 def test_every_kernel_compiles_for_both_archs(report):
-    from kernels.inspect import ARCHS, kernel_table
+    from tritongpt.kernels.inspect import ARCHS, kernel_table
 
     got = {(r["kernel"], r["config"], r["arch"]) for r in report}
     want = {(k.name, c.name, a) for k in kernel_table() for c in k.configs for a in ARCHS}

@@ -5,10 +5,10 @@ import pytest
 import torch
 from helpers import assert_close_2x, assert_compiled_matches_eager, dtypes_for, forbid_launches, leaf
 
-from kernels import layer_norm, reference
+from tritongpt.kernels import layer_norm, reference
 
 # The package exports the function under the module's name, so fetch the module itself.
-ln_module = importlib.import_module("kernels.layer_norm")
+ln_module = importlib.import_module("tritongpt.kernels.layer_norm")
 
 # The kernel has no tl.dot, so the interpreter computes bf16 correctly: test it on CPU too.
 DTYPES = dtypes_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"), bf16_in_interpreter=True)

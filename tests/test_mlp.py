@@ -9,9 +9,9 @@ import pytest
 import torch
 from helpers import assert_close_2x, dtypes_for, forbid_launches, leaf
 
-from kernels import gelu_mlp, reference
+from tritongpt.kernels import gelu_mlp, reference
 
-mlp_module = importlib.import_module("kernels.mlp")
+mlp_module = importlib.import_module("tritongpt.kernels.mlp")
 
 # bf16 tiles are converted to fp32 before tl.dot in the interpreter, so bf16 is right there too.
 DTYPES = dtypes_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"), bf16_in_interpreter=True)

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-import kernels
-from model import GPT, GPTConfig
-from model import gpt
+from tritongpt import kernels
+from tritongpt.model import GPT, GPTConfig
+from tritongpt.model import gpt
 from helpers import assert_close_2x, spy
 
 TINY = GPTConfig.from_name("tiny")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close_2x, spy
 
-from kernels import nn as knn, reference
+from tritongpt.kernels import nn as knn, reference
 
 
 class TorchMLP(torch.nn.Module):

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from helpers import assert_close_2x, spy
 
-import kernels
+from tritongpt import kernels
 from nanogpt import NanoGPT, NanoLayerNorm, NanoMLP
 
 OPS = ("layer_norm", "gelu_mlp", "flash_attention", "cross_entropy")

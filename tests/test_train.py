@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import train
-from kernels._utils import interpreting
-from trainer import checkpoint, logs, options
-from trainer.data import demo_corpus
+from tritongpt.kernels._utils import interpreting
+from tritongpt.trainer import checkpoint, logs, options
+from tritongpt.trainer.data import demo_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
@@ -218,7 +218,7 @@ def test_missing_shards_exit_with_message(tmp_path):
 
 @pytest.mark.skipif(not (SHARED / "tinyshakespeare.txt").exists(), reason="needs ../shared/data")
 def test_tinyshakespeare_with_the_gpt2_tokenizer(tmp_path):
-    from data.tokenizer import gpt2_encoding
+    from tritongpt.data.tokenizer import gpt2_encoding
     enc = gpt2_encoding(local_dir=SHARED / "gpt2")
     text = (SHARED / "tinyshakespeare.txt").read_text()[:40_000]
     shards = write_shards(tmp_path / "shakespeare", np.array(enc.encode_ordinary(text), dtype=np.uint16),

@@ -12,7 +12,7 @@ import random
 import numpy as np
 import torch
 
-from data._files import atomic_write
+from tritongpt.data._files import atomic_write
 
 
 def rng_state():

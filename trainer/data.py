@@ -10,8 +10,8 @@ import inspect
 
 import numpy as np
 
-from data import prepare
-from data.loader import TokenLoader
+from tritongpt.data import prepare
+from tritongpt.data.loader import TokenLoader
 
 # Standard-library modules whose documentation makes the demo corpus.
 CORPUS_MODULES = (
@@ -79,5 +79,5 @@ def codec(args):
     """The tokenizer of the run's tokens (demo: bytes; else GPT-2 BPE via data.tokenizer)."""
     if args.data == "demo":
         return ByteCodec()
-    from data.tokenizer import gpt2_encoding
+    from tritongpt.data.tokenizer import gpt2_encoding
     return gpt2_encoding()

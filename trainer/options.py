@@ -7,8 +7,8 @@ learning rate, 715 warmup steps, 19073 steps = one pass over 10B FineWeb-Edu tok
 import argparse
 import os
 
-from data import prepare
-from model.gpt import PRESETS
+from tritongpt.data import prepare
+from tritongpt.model.gpt import PRESETS
 
 DATASETS = ("demo",) + prepare.DATASETS
 
@@ -25,7 +25,7 @@ def build_parser(description):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--data", default="demo", help="demo (default, offline, bytes), shakespeare, fineweb-edu "
-        "(shards under data/<name>/, made by `python -m data.prepare <name>`) or a directory of shards")
+        "(shards under data/<name>/, made by `python -m tritongpt.data.prepare <name>`) or a directory of shards")
     add("--preset", help=f"model preset: {', '.join(PRESETS)} (default: tiny for the demo, gpt2 otherwise)")
     add("--kernels", default="auto", help='"auto" (default), "all", "none" or a comma list of '
         "layer_norm,attention,mlp,cross_entropy")
