@@ -10,24 +10,33 @@ What it recognises, and how it swaps the kernels in:
 - A GELU MLP: transformers' GPT2MLP (Conv1D weights, stored (in, out): read transposed, in place)
   or a module with nn.Linear `c_fc` and `c_proj`, a GELU activation (tanh or erf) and dropout, as
   nanoGPT's MLP: kernels.gelu_mlp, the dropout applied after it.
-- Causal self-attention: transformers' GPT2Attention (with attn_implementation "sdpa", the
-  default) or a module with nn.Linear `c_attn` (fused q, k, v) and `c_proj` and an int `n_head`,
-  as nanoGPT's: kernels.flash_attention. Calls the kernel cannot take run the module's own
-  forward: an attention mask (padding), cross-attention, an encoder-decoder cache, extra
-  arguments, or training mode with attention dropout p > 0.
+- transformers' GPT2Attention: the model's attn_implementation becomes "tritongpt", the kernel's
+  entry in transformers' AttentionInterface (kernels/hf.py), so transformers keeps its own
+  projections, cache and masks and the kernel runs every call without a mask (training, prefill,
+  cached decoding); calls with a mask, dropout or output_attentions run transformers' sdpa. One
+  setting serves the whole model: every attention module must pass the probe, or none switches.
+- nanoGPT-style causal self-attention (nn.Linear `c_attn`, fused q, k, v, and `c_proj`, an int
+  `n_head`): kernels.flash_attention; calls with extra arguments, or in training mode with
+  attention dropout p > 0, run the module's own forward.
 - The loss of transformers' GPT2LMHeadModel: kernels.cross_entropy on the logits (the logits are
   still returned; they are not fused with the lm_head, so the outputs stay the same).
 
-A recognised module gets a subclass of its own class whose forward calls the kernels: the module
+Every other recognised module gets a subclass of its own class whose forward calls the kernels: the module
 object, its parameters, buffers, hooks and state-dict keys stay exactly as they were, and
 isinstance checks still hold. Before swapping, patch runs the module's own forward and the kernel
 version's maths (kernels.reference ops) on a small float64 input on the CPU, in eval mode and,
 where the module has dropout, in training mode under one seed, with random parameters; if they differ (another
-activation, another eps, another layout) the module is left alone and the report says so. Nothing
+activation, another eps, another layout) the module is left alone and the report says so. It also
+checks that the module has the attributes the kernel forward reads and a forward taking one input
+and nothing else (a newer release that adds an argument is left alone, not silently dropped). The
+attention probe runs a prefill and one cached decoding step under both implementations; the loss
+probe compares transformers' causal-LM loss with the kernel's on ignored labels and both
+reductions, after checking it takes exactly the arguments patch handles. Nothing
 else in the model changes. Limits: pickle the state dict, not the patched model (the subclasses
 are made at patch time); patching twice changes nothing more.
 """
 import dataclasses
+import inspect
 import sys
 
 import torch
@@ -39,6 +48,7 @@ from .nn import merge_heads, op, split_heads
 
 _package = sys.modules[__package__]
 PROBE_T = 5  # tokens in the float64 probe
+SWITCHABLE_IMPLEMENTATIONS = ("sdpa", "eager")  # transformers attention patch may replace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,24 +128,6 @@ def _nanogpt_attention_forward(self, x, *args, **kwargs):
     y = self.c_proj(merge_heads(op("flash_attention", q)(q, k, v, causal=True)))
     dropout = getattr(self, "resid_dropout", None)
     return dropout(y) if dropout is not None else y
-
-
-def _hf_attention_forward(self, hidden_states, past_key_values=None, attention_mask=None,
-                          encoder_hidden_states=None, *args, **kwargs):
-    # With attn_implementation "sdpa" a mask of None means causal: transformers passes None only
-    # when no padding needs masking and the queries are all the keys or a single decoding step,
-    # both of which the kernel's end-aligned causal mask covers.
-    if (args or attention_mask is not None or encoder_hidden_states is not None
-            or kwargs.get("encoder_attention_mask") is not None or kwargs.get("output_attentions")
-            or self.config._attn_implementation != "sdpa" or hasattr(past_key_values, "self_attention_cache")
-            or (self.training and self.attn_dropout.p > 0)):
-        return self._tritongpt_base.forward(self, hidden_states, past_key_values, attention_mask,
-                                            encoder_hidden_states, *args, **kwargs)
-    q, k, v = split_heads(self.c_attn(hidden_states), self.num_heads)
-    if past_key_values is not None:
-        k, v = past_key_values.update(k, v, self.layer_idx)
-    y = op("flash_attention", q)(q, k, v, causal=True, sm_scale=self.scaling)
-    return self.resid_dropout(self.c_proj(merge_heads(y))), None
 
 
 def _hf_causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100,
@@ -284,6 +276,68 @@ def _probe(module, cls, width):
     return None
 
 
+def _cache_argument(module):
+    """The name under which module's forward takes the KV cache (transformers renamed it), or None."""
+    params = inspect.signature(type(module).forward).parameters
+    return next((n for n in ("cache", "past_key_values", "past_key_value", "layer_past") if n in params), None)
+
+
+def _causal_mask(x, past):
+    """The additive causal mask, (B, 1, Tq, past + Tq), of queries x after `past` cached keys:
+    query i sees keys j <= past + i."""
+    B, Tq = x.shape[:2]
+    visible = torch.ones(Tq, past + Tq, dtype=torch.bool).tril(diagonal=past)
+    mask = torch.zeros(Tq, past + Tq, dtype=x.dtype).masked_fill(~visible, torch.finfo(x.dtype).min)
+    return mask.expand(B, 1, Tq, past + Tq)
+
+
+def _run_cached(module, state, impl, steps, explicit_mask):
+    """Outputs of module's forward under attn_implementation impl for each input in steps, all
+    through one fresh KV cache (a prefill, then decoding steps), concatenated along time; with
+    explicit_mask each call gets the causal mask spelled out, else None (what transformers' SDPA
+    mask builder passes for these calls)."""
+    from transformers import DynamicCache
+
+    config, before = module.config, module.config._attn_implementation
+    config._attn_implementation = impl
+    cache, outs, past = DynamicCache(), [], 0
+    try:
+        with torch.no_grad(), knn.reference_ops():
+            for x in steps:
+                mask = _causal_mask(x, past) if explicit_mask else None
+                kwargs = {_cache_argument(module): cache, "attention_mask": mask}
+                outs.append(_first_tensor(torch.func.functional_call(module, state, (x,), kwargs)))
+                past += x.shape[1]
+    finally:
+        config._attn_implementation = before
+    return torch.cat(outs, dim=1)
+
+
+def _probe_cached_attention(module, impl, name):
+    """None when module gives the same float64 outputs under attn_implementation `name`, called as
+    transformers calls it without padding (no mask), as under `impl` with the causal mask spelled
+    out, for a prefill of PROBE_T - 1 tokens and one cached decoding step; else why not."""
+    if _cache_argument(module) is None:
+        return "its forward takes no KV cache argument patch knows (cache, past_key_values, past_key_value)"
+    training = module.training
+    module.eval()
+    try:
+        state = _probe_state(module)
+        x = _probe_input(module, module.embed_dim)
+        steps = (x[:, :-1].contiguous(), x[:, -1:].contiguous())
+        want = _run_cached(module, state, impl, steps, explicit_mask=True)
+        got = _run_cached(module, state, name, steps, explicit_mask=False)
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-9, atol=1e-12):
+            diff = (got - want).abs().max().item() if got.shape == want.shape else "shape"
+            return ("its forward under attn_implementation 'tritongpt' differs from " + repr(impl)
+                    + f" on a float64 probe (prefill + one cached step, max diff {diff})")
+    except Exception as e:  # could not run the probe: do not switch
+        return f"could not compare it with the kernel's maths on a float64 probe ({type(e).__name__}: {e})"
+    finally:
+        module.train(training)
+    return None
+
+
 # ---------------------------------------------------------------- swapping
 
 _SUBCLASSES = {}
@@ -331,8 +385,33 @@ def _patch_mlp(module, act, forward, width):
     return _swap(module, cls, width, f"kernels.gelu_mlp (approximate={kind!r}), dropout after it")
 
 
+def _forward_problem(module, attributes):
+    """None when module has the attributes its kernel forward reads and a forward that takes one
+    input and nothing else (the kernel forward replaces it: another argument would be ignored),
+    else why not."""
+    missing = [a for a in attributes if not hasattr(module, a)]
+    if missing:
+        return f"it has no {', '.join(missing)} (the kernel version reads them)"
+    try:
+        params = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return "its forward's signature cannot be read"
+    if len(params) != 1 or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+        return (f"its forward takes ({', '.join(str(p) for p in params)}), not one input: the kernel version "
+                "would drop the rest")
+    return None
+
+
+# What each subclass-based kernel forward reads from its module.
+ATTRIBUTES = {"nn_layer_norm": ("normalized_shape", "weight", "bias", "eps"), "layer_norm": ("weight",),
+              "hf_mlp": ("c_fc", "c_proj", "act", "dropout"), "mlp": ("c_fc", "c_proj")}
+
+
 def _patch_module(kind, module):
     """(replaced, how) for one recognised module."""
+    problem = _forward_problem(module, ATTRIBUTES[kind]) if kind in ATTRIBUTES else None
+    if problem:
+        return False, problem
     if kind == "nn_layer_norm":
         if len(module.normalized_shape) != 1:
             return False, "normalizes over more than the last dimension"
@@ -348,24 +427,50 @@ def _patch_module(kind, module):
     if kind == "mlp":
         return _patch_mlp(module, _activation(module, ("c_fc", "c_proj")), _linear_mlp_forward,
                           module.c_fc.in_features)
-    if kind == "hf_attention":
-        return _patch_hf_attention(module)
     return _patch_nanogpt_attention(module)
 
 
-def _patch_hf_attention(module):
-    if module.is_cross_attention:
-        return False, "cross-attention (the kernel is causal self-attention)"
+def _hf_attention_problem(module):
+    """None when a transformers GPT2Attention can run as attn_implementation "tritongpt", else why not."""
     impl = module.config._attn_implementation
-    if impl != "sdpa":
-        return False, (f"attn_implementation={impl!r} passes explicit float masks the kernel does not take; "
-                       "load the model with attn_implementation='sdpa'")
+    if impl not in SWITCHABLE_IMPLEMENTATIONS:
+        return (f"attn_implementation={impl!r}: patch switches only from "
+                f"{' or '.join(map(repr, SWITCHABLE_IMPLEMENTATIONS))} to 'tritongpt'")
     problem = _head_dim_problem(module.embed_dim, module.num_heads)
     if problem:
-        return False, problem
-    how = ("kernels.flash_attention (causal); calls with a padding mask, cross-attention or "
-           "output_attentions run the original" + _dropout_note(module))
-    return _swap(module, _subclass(type(module), _hf_attention_forward), module.embed_dim, how)
+        return problem
+    try:
+        from . import hf
+    except ImportError as e:
+        return f"the transformers attention cannot be registered ({e})"
+    return _probe_cached_attention(module, impl, hf.NAME)
+
+
+def _hf_attention_changes(model, found):
+    """Changes for the transformers attention modules found ((path, module, what)): all switch to
+    attn_implementation "tritongpt" (one setting for the whole model), or none does."""
+    if found[0][1].config._attn_implementation == "tritongpt":
+        return [Change(path, what, False, "already runs the kernels") for path, _, what in found]
+    if any(module.is_cross_attention for _, module, _ in found):
+        return [Change(path, what, False, "the model has cross-attention; patch switches decoder-only models")
+                for path, _, what in found]
+    problems = {path: _hf_attention_problem(module) for path, module, _ in found}
+    blocker = next((f"{p}: {why}" for p, why in problems.items() if why), None)
+    if blocker is None:
+        _set_attn_implementation(model, found[0][1].config, "tritongpt")
+        how = ("transformers attn_implementation 'tritongpt': kernels.flash_attention for calls without a "
+               "mask (training, prefill, cached decoding); masked, dropout or output_attentions calls run "
+               "transformers' sdpa")
+        return [Change(path, what, True, how) for path, _, what in found]
+    return [Change(path, what, False, problems[path] or f"the model's attention stays as it is ({blocker})")
+            for path, _, what in found]
+
+
+def _set_attn_implementation(model, config, name):
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:  # attention modules inside a model that is not a transformers PreTrainedModel
+        config._attn_implementation = name
 
 
 def _patch_nanogpt_attention(module):
@@ -379,6 +484,26 @@ def _patch_nanogpt_attention(module):
     return _swap(module, _subclass(type(module), _nanogpt_attention_forward), C, how)
 
 
+def _loss_problem(loss):
+    """None when transformers' causal-LM loss takes exactly the arguments _hf_causal_lm_loss handles
+    and agrees with it on a float64 probe (ignored labels, mean and num_items_in_batch sums), else
+    why not."""
+    ours = inspect.signature(_hf_causal_lm_loss).parameters
+    theirs = inspect.signature(loss).parameters
+    if list(theirs) != list(ours):
+        return f"transformers' loss takes ({', '.join(theirs)}), not the ({', '.join(ours)}) patch handles"
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, PROBE_T, 11, dtype=torch.float64, generator=g)
+    labels = torch.randint(0, 11, (2, PROBE_T), generator=g)
+    labels[0, :2] = -100
+    for extra in ({}, {"num_items_in_batch": torch.tensor(7)}, {"shift_labels": labels.roll(1, 1)}):
+        with torch.no_grad(), knn.reference_ops():
+            want, got = (fn(logits, labels, vocab_size=11, **extra) for fn in (loss, _hf_causal_lm_loss))
+        if not torch.allclose(got.double(), want.double(), rtol=1e-5, atol=0):  # fp32 inside theirs
+            return f"transformers' loss differs from kernels.cross_entropy's on a float64 probe ({sorted(extra)})"
+    return None
+
+
 def _patch_loss(model):
     """A Change for transformers' GPT2LMHeadModel loss, or None for other models."""
     if not _from_transformers(model, "GPT2LMHeadModel"):
@@ -389,6 +514,9 @@ def _patch_loss(model):
         return Change("", what, False, "already runs kernels.cross_entropy")
     if current is not None or getattr(model, "loss_type", None) not in (None, "ForCausalLM"):
         return Change("", what, False, "a custom loss function is set")
+    problem = _loss_problem(model.loss_function)
+    if problem:
+        return Change("", what, False, problem)
     model.loss_function = _hf_causal_lm_loss  # transformers' setter: kept on this model only
     return Change("", what, True, "kernels.cross_entropy on the shifted logits (logits still returned)")
 
@@ -405,17 +533,20 @@ def patch(model):
     if type(model).__module__ == "tritongpt.model.gpt":  # this project's GPT (kernels cannot import model/)
         return PatchReport([Change("", type(model).__name__, False,
                                    "this project's model already runs the kernels: choose them with GPTConfig.kernels")])
-    changes = []
+    changes, hf_attention = [], []
     for path, module in model.named_modules():
         found = _classify(module)
         if found is None:
             continue
         kind, what = found
-        if _is_patched(module):
+        if kind == "hf_attention":
+            hf_attention.append((path, module, what))
+        elif _is_patched(module):
             changes.append(Change(path, what, False, "already runs the kernels"))
-            continue
-        replaced, how = _patch_module(kind, module)
-        changes.append(Change(path, what, replaced, how))
+        else:
+            changes.append(Change(path, what, *_patch_module(kind, module)))
+    if hf_attention:
+        changes += _hf_attention_changes(model, hf_attention)
     loss = _patch_loss(model)
     if loss is not None:
         changes.append(loss)

@@ -80,6 +80,7 @@ def test_hf_gpt2_patched_matches_unpatched(monkeypatch, device):
     blocks = [f"transformer.h.{i}.{part}" for i in range(2) for part in ("ln_1", "attn", "ln_2", "mlp")]
     assert replaced == set(blocks) | {"transformer.ln_f", ""} and report.left_alone == []
     assert "kernels.gelu_mlp (approximate='tanh')" in str(report)
+    assert patched.config._attn_implementation == "tritongpt"
     # same parameters (the very objects), same state-dict keys, same classes underneath
     assert {n: id(p) for n, p in patched.named_parameters()} == params and list(patched.state_dict()) == keys
     assert isinstance(patched.transformer.h[0].mlp, type(baseline.transformer.h[0].mlp))
@@ -131,24 +132,142 @@ def test_hf_other_activations(activation, expected, device):
     assert all(c.replaced == (activation == "gelu") for c in mlps)
 
 
-def test_hf_eager_attention_and_training_dropout_are_reported(monkeypatch, device):
-    eager = hf_model(device, attn_implementation="eager")
-    report = kernels.patch(eager)
-    attn = [c for c in report if c.path.endswith(".attn")]
-    assert attn and all(not c.replaced and "attn_implementation='eager'" in c.how for c in attn)
-    # attention dropout in training mode: the original attention runs, with the same random numbers
+def test_hf_eager_attention_is_switched_too(monkeypatch, device):
+    baseline = hf_model(device, attn_implementation="eager").eval()
+    patched, baseline, calls = patched_pair(baseline, monkeypatch)
+    assert patched.config._attn_implementation == "tritongpt" and baseline.config._attn_implementation == "eager"
+    idx = torch.randint(0, 97, (2, 8), device=device)
+    with torch.no_grad():
+        got, want = (m(idx).logits for m in (patched, baseline))
+    assert calls.count("flash_attention") == 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_hf_training_with_attention_dropout(monkeypatch, device):
+    """Attention dropout in training mode: those calls run transformers' sdpa, with the same random
+    numbers, so loss and every gradient equal the unpatched model's."""
     baseline = hf_model(device, dropout=0.1).train()
     patched = copy.deepcopy(baseline)
     report = kernels.patch(patched)
-    assert all("attention dropout (p=0.1)" in c.how for c in report if c.path.endswith(".attn"))
+    assert all(c.replaced for c in report if c.path.endswith(".attn"))
     calls = spy_ops(monkeypatch)
     idx = torch.randint(0, 97, (2, 8), device=device)
     outs = []
     for model in (patched, baseline):
         torch.manual_seed(3)
-        outs.append(model(idx).logits)
-    assert "flash_attention" not in calls and "gelu_mlp" in calls
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+        out = model(idx, labels=idx)
+        out.loss.backward()
+        outs.append([out.loss, out.logits] + [p.grad for p in model.parameters()])
+    assert "flash_attention" not in calls and "gelu_mlp" in calls and "cross_entropy" in calls
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the same model in eval mode runs the kernel
+    with torch.no_grad():
+        patched.eval()(idx)
+    assert calls.count("flash_attention") == 2
+
+
+def test_hf_attn_implementation_tritongpt_from_pretrained(tmp_path, monkeypatch, device):
+    """After one import, transformers loads any model with attn_implementation="tritongpt"."""
+    import tritongpt.kernels.hf  # noqa: F401  (registers the name)
+    transformers = pytest.importorskip("transformers")
+    hf_model("cpu").save_pretrained(tmp_path)
+    ours = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, attn_implementation="tritongpt").to(device).eval()
+    sdpa = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, attn_implementation="sdpa").to(device).eval()
+    calls = spy_ops(monkeypatch)
+    idx = torch.randint(0, 97, (2, 9), device=device)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx).logits, sdpa(idx).logits, rtol=1e-5, atol=1e-5)
+    assert calls == ["flash_attention"] * 2
+
+
+def test_hf_attention_function_refers_what_it_cannot_compute_to_sdpa(monkeypatch):
+    """The registered function, called directly: kernel for no-mask causal, decode and non-causal
+    calls (GQA heads repeated), transformers' sdpa for masks, dropout and unknown keywords."""
+    from tritongpt.kernels import hf
+    pytest.importorskip("transformers")
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = nn.Module()
+    q, k, v = (torch.randn(2, 4, T, 16, dtype=torch.float64) for T in (6, 6, 6))
+    cases = [  # (query, key/value length, kwargs, runs the kernel)
+        (q, 6, {}, True), (q[:, :, -1:], 6, {}, True), (q, 6, {"is_causal": False}, True),
+        (q[:, :, :3], 6, {}, True),  # a prefill into a longer, pre-allocated cache: keys cropped
+        (q, 6, {"dropout": 0.1}, False), (q, 6, {"sliding_window": 4}, False),
+        (q, 6, {"attention_mask": torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()}, False),
+        (q, 3, {}, False),  # more queries than keys: SDPA's start alignment, no kernel equivalent
+    ]
+    for query, tk, kwargs, kernel in cases:
+        kwargs = {"attention_mask": None, "scaling": 0.3, **kwargs}
+        calls = spy_ops(monkeypatch)
+        torch.manual_seed(0)
+        got, _ = hf.attention(module, query, k[:, :, :tk], v[:, :, :tk], **kwargs)
+        torch.manual_seed(0)
+        want, _ = sdpa_attention_forward(module, query, k[:, :, :tk], v[:, :, :tk], **kwargs)
+        assert calls == (["flash_attention"] if kernel else []), (query.shape, tk, kwargs)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        assert got.is_contiguous()
+    module.num_key_value_groups = 2  # GQA: 4 query heads on 2 key/value heads
+    calls = spy_ops(monkeypatch)
+    got, _ = hf.attention(module, q, k[:, :2], v[:, :2], None, scaling=0.3)
+    want, _ = sdpa_attention_forward(module, q, k[:, :2], v[:, :2], None, scaling=0.3)
+    assert calls == ["flash_attention"]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_hf_attention_probe_catches_a_wrong_adapter(monkeypatch, device):
+    """patch compares the "tritongpt" implementation with the model's own on a prefill and a cached
+    decoding step: an attention that loses the causal mask leaves the model as it was."""
+    from tritongpt.kernels import reference
+
+    real = reference.flash_attention
+    monkeypatch.setattr(reference, "flash_attention", lambda q, k, v, causal=True, sm_scale=None:
+                        real(q, k, v, causal=False, sm_scale=sm_scale))
+    model = hf_model(device)
+    report = kernels.patch(model)
+    attn = [c for c in report if c.path.endswith(".attn")]
+    assert len(attn) == 2 and not any(c.replaced for c in attn)
+    assert any("prefill + one cached step" in c.how for c in attn)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_hf_parts_with_another_call_signature_are_left_alone(monkeypatch, device):
+    """A newer transformers that adds an argument to a module's forward (or renames the loss's
+    arguments) gets a report, not a kernel that would drop the argument."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gpt2 import modeling_gpt2
+
+    class NewMLP(modeling_gpt2.GPT2MLP):
+        def forward(self, hidden_states, scale=1.0):
+            return super().forward(hidden_states) * scale
+
+    model = hf_model(device)
+    for block in model.transformer.h:
+        block.mlp.__class__ = NewMLP
+    loss_utils = transformers.loss.loss_utils
+
+    def new_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
+                 reduction="mean", **kwargs):
+        return loss_utils.ForCausalLMLoss(logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels)
+
+    monkeypatch.setitem(loss_utils.LOSS_MAPPING, "ForCausalLM", new_loss)
+    why = {c.path: c.how for c in kernels.patch(model).left_alone}
+    assert set(why) == {"transformer.h.0.mlp", "transformer.h.1.mlp", ""}
+    assert "scale=1.0" in why["transformer.h.0.mlp"] and "reduction" in why[""]
+    assert type(model.transformer.h[0].mlp) is NewMLP
+
+
+def test_hf_loss_with_other_maths_is_left_alone(monkeypatch, device):
+    transformers = pytest.importorskip("transformers")
+    loss_utils = transformers.loss.loss_utils
+
+    def unshifted(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
+                  **kwargs):
+        return F.cross_entropy(logits.float().view(-1, vocab_size), labels.view(-1), ignore_index=ignore_index)
+
+    monkeypatch.setitem(loss_utils.LOSS_MAPPING, "ForCausalLM", unshifted)
+    (loss,) = [c for c in kernels.patch(hf_model(device)) if c.path == ""]
+    assert not loss.replaced and "differs from kernels.cross_entropy" in loss.how
 
 
 def test_patching_twice_changes_nothing_more(device):
@@ -163,7 +282,7 @@ def test_patching_twice_changes_nothing_more(device):
 
 
 def test_the_projects_own_gpt_is_left_to_its_config():
-    from model import GPT, GPTConfig
+    from tritongpt.model import GPT, GPTConfig
 
     model = GPT(GPTConfig.from_name("tiny"))
     (change,) = kernels.patch(model).changes

@@ -1,0 +1,106 @@
+"""The flash_attention kernel as a transformers attention implementation, named "tritongpt".
+
+    import tritongpt.kernels.hf                     # registers "tritongpt" with transformers
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="tritongpt")
+    model.set_attn_implementation("tritongpt")     # or switch a loaded model
+
+This goes through transformers' own extension points (AttentionInterface for the attention
+function, AttentionMaskInterface for the mask builder), so transformers keeps its projections,
+positional embeddings, cache updates and mask building; `attention` below receives q, k, v as
+(B, H, T, D) and the mask made for this call. The mask builder registered for the name is
+transformers' SDPA one: a mask is None exactly where SDPA itself would rely on is_causal (no
+padding, no packed sequences, no sliding window, queries == keys or one query).
+
+`attention` runs the kernel only where the call means what the kernel computes:
+- no mask and causal self-attention over as many keys as queries (training, a prefill);
+- no mask and one query against any number of keys (a decoding step against the cache);
+- no mask and non-causal attention (cross-attention, an encoder);
+and hands every other call, unchanged, to transformers' sdpa_attention_forward: an explicit mask
+(padding, packing, sliding windows), dropout > 0 (training with attn_pdrop), output_attentions, a
+head mask, softcap, a position bias, any keyword it does not know, a head dimension or dtype the
+kernel lacks. Fewer key/value heads than query heads (GQA) are repeated to the query heads first.
+Supported transformers: 4.55 (the first whose GPT-2 builds its masks through the mask interface)
+and newer; older releases are refused when registering.
+"""
+import torch
+
+from . import attention as _attention
+from .nn import op
+
+NAME = "tritongpt"
+MIN_TRANSFORMERS = (4, 55)
+# Keywords transformers passes that do not change the attention's maths once the mask is built
+# (position_ids only matter for packed sequences, which get an explicit mask).
+IGNORED_KWARGS = frozenset({"position_ids", "cache_position", "use_cache", "return_dict", "output_hidden_states",
+                            "output_attentions", "head_mask", "is_causal"})
+
+
+def _version(text):
+    return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
+
+
+def register():
+    """Register "tritongpt" with transformers (idempotent); raises ImportError when transformers is
+    missing or older than the oldest supported release."""
+    import transformers
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    if _version(transformers.__version__) < MIN_TRANSFORMERS:
+        raise ImportError(f"tritongpt's transformers attention needs transformers >= "
+                          f"{'.'.join(map(str, MIN_TRANSFORMERS))}, found {transformers.__version__}")
+    AttentionInterface.register(NAME, attention)
+    AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def _sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward
+
+
+def _why_not_kernel(q, k, v, attention_mask, dropout, kwargs):
+    """None when the kernel computes this call, else the reason it goes to SDPA."""
+    if attention_mask is not None:
+        return "an explicit attention mask"
+    if dropout:
+        return "attention dropout"
+    if kwargs.get("output_attentions") or kwargs.get("head_mask") is not None:
+        return "output_attentions or a head mask"
+    unknown = sorted(n for n, val in kwargs.items() if n not in IGNORED_KWARGS and val is not None)
+    if unknown:
+        return f"keywords the kernel does not take: {', '.join(unknown)}"
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in _attention.DTYPES):
+        return "mixed or unsupported dtypes"
+    if q.shape[-1] not in _attention.HEAD_DIMS or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+        return "a head dimension the kernel does not take"
+    if q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1]:
+        return "query heads not a multiple of key/value heads"
+    return None
+
+
+def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' attention-function signature: (B, H, Tq, D) query, (B, H_kv, Tk, D) key and
+    value -> ((B, Tq, H, D) output, None). See the module docstring for what runs the kernel."""
+    if _why_not_kernel(query, key, value, attention_mask, dropout, kwargs) is not None:
+        return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                       is_causal=is_causal, **kwargs)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    Tq, Tk = query.shape[2], key.shape[2]
+    if causal and 1 < Tq != Tk:
+        # SDPA's is_causal aligns the mask to the start (query i sees keys j <= i), the kernel's to
+        # the end: with more keys than queries (a prefill into a pre-allocated cache) the keys past
+        # Tq are invisible to every query, so cropping them gives SDPA's answer; fewer keys than
+        # queries has no kernel equivalent.
+        if Tq > Tk:
+            return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                           is_causal=is_causal, **kwargs)
+        key, value = key[:, :, :Tq], value[:, :, :Tq]
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # GQA / MQA: each key/value head serves `groups` consecutive query heads
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    # one query sees every key (end-aligned causal and non-causal agree there)
+    out = op("flash_attention", query)(query, key, value, causal=bool(causal) and Tq > 1, sm_scale=scaling)
+    return out.transpose(1, 2).contiguous(), None  # free with the kernel: its output is (B, Tq, H, D) memory
+
+
+register()
