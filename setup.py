@@ -16,7 +16,7 @@ setup(
     packages=["tritongpt"] + [f"tritongpt.{part}" for part in PARTS],
     package_dir={"tritongpt": "tritongpt", **{f"tritongpt.{part}": part for part in PARTS}},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.0", "numpy", "tiktoken", "safetensors", "huggingface_hub"],
+    install_requires=["torch>=2.11", "triton>=3.6", "numpy", "tiktoken", "safetensors", "huggingface_hub"],
     extras_require={
         # tritongpt.kernels.patch and the "tritongpt" attention implementation (kernels/hf.py);
         # .ci/run tests the oldest release named here and the newest one available.
