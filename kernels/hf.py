@@ -30,13 +30,21 @@ from .nn import op
 NAME = "tritongpt"
 MIN_TRANSFORMERS = (4, 55)
 # Keywords transformers passes that do not change the attention's maths once the mask is built
-# (position_ids only matter for packed sequences, which get an explicit mask).
-IGNORED_KWARGS = frozenset({"position_ids", "cache_position", "use_cache", "return_dict", "output_hidden_states",
-                            "output_attentions", "head_mask", "is_causal"})
+# (position_ids only matter for packed sequences, which get an explicit mask; a sliding window
+# only when it is shorter than the keys, checked below).
+KNOWN_KWARGS = frozenset({"position_ids", "cache_position", "use_cache", "return_dict", "output_hidden_states",
+                          "output_attentions", "head_mask", "is_causal", "sliding_window"})
 
 
 def _version(text):
     return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
+
+
+def check_version(version):
+    """Raise ImportError unless transformers `version` is one this integration supports."""
+    if _version(version) < MIN_TRANSFORMERS:
+        raise ImportError(f"tritongpt's transformers attention needs transformers >= "
+                          f"{'.'.join(map(str, MIN_TRANSFORMERS))}, found {version}")
 
 
 def register():
@@ -46,9 +54,7 @@ def register():
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
-    if _version(transformers.__version__) < MIN_TRANSFORMERS:
-        raise ImportError(f"tritongpt's transformers attention needs transformers >= "
-                          f"{'.'.join(map(str, MIN_TRANSFORMERS))}, found {transformers.__version__}")
+    check_version(transformers.__version__)
     AttentionInterface.register(NAME, attention)
     AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
@@ -66,9 +72,11 @@ def _why_not_kernel(q, k, v, attention_mask, dropout, kwargs):
         return "attention dropout"
     if kwargs.get("output_attentions") or kwargs.get("head_mask") is not None:
         return "output_attentions or a head mask"
-    unknown = sorted(n for n, val in kwargs.items() if n not in IGNORED_KWARGS and val is not None)
+    unknown = sorted(n for n, val in kwargs.items() if n not in KNOWN_KWARGS and val is not None)
     if unknown:
         return f"keywords the kernel does not take: {', '.join(unknown)}"
+    if kwargs.get("sliding_window") is not None and k.shape[2] > kwargs["sliding_window"]:
+        return "a sliding window shorter than the keys"
     if not (q.dtype == k.dtype == v.dtype and q.dtype in _attention.DTYPES):
         return "mixed or unsupported dtypes"
     if q.shape[-1] not in _attention.HEAD_DIMS or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:

@@ -118,3 +118,31 @@ def spy(monkeypatch, name, fn=None, calls=None):
 
     monkeypatch.setattr(kernels, name, wrapper, raising=False)
     return calls
+
+
+OPS = ("layer_norm", "gelu_mlp", "flash_attention", "cross_entropy")
+
+
+def spy_ops(monkeypatch):
+    """Record every call of the kernels (still running them); returns the list of op names."""
+    calls = []
+    for name in OPS:
+        spy(monkeypatch, name, calls=calls)
+    return calls
+
+
+def grads_by_name(model):
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def check_same_maths(patched, baseline, oracle, run):
+    """run(model) -> dict of named tensors (loss, logits...) after a backward; compares those and
+    every parameter gradient of the patched model with the unpatched one under the 2x rule."""
+    results = []
+    for model in (patched, baseline, oracle):
+        out = run(model)
+        out.update((f"grad {n}", g) for n, g in grads_by_name(model).items())
+        results.append(out)
+    assert results[0].keys() == results[1].keys()
+    for name in results[0]:
+        assert_close_2x(results[0][name], results[1][name], results[2][name], name)

@@ -7,38 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import assert_close_2x, spy
+from helpers import OPS, check_same_maths, spy_ops
 
 from tritongpt import kernels
 from nanogpt import NanoGPT, NanoLayerNorm, NanoMLP
-
-OPS = ("layer_norm", "gelu_mlp", "flash_attention", "cross_entropy")
-
-
-def spy_ops(monkeypatch):
-    """Record every call of the kernels (still running them); returns the list of op names."""
-    calls = []
-    for name in OPS:
-        spy(monkeypatch, name, calls=calls)
-    return calls
-
-
-def grads_by_name(model):
-    return {name: p.grad for name, p in model.named_parameters()}
-
-
-def check_same_maths(patched, baseline, oracle, run):
-    """run(model) -> dict of named tensors (loss, logits...) after a backward; compares those and
-    every parameter gradient of the patched model with the unpatched one under the 2x rule."""
-    results = []
-    for model in (patched, baseline, oracle):
-        out = run(model)
-        out.update((f"grad {n}", g) for n, g in grads_by_name(model).items())
-        results.append(out)
-    assert results[0].keys() == results[1].keys()
-    for name in results[0]:
-        assert_close_2x(results[0][name], results[1][name], results[2][name], name)
-
 
 def randomise_norms(model):
     with torch.no_grad():  # LayerNorms start at ones and zeros: make their gradients count
@@ -165,54 +137,6 @@ def test_hf_training_with_attention_dropout(monkeypatch, device):
     with torch.no_grad():
         patched.eval()(idx)
     assert calls.count("flash_attention") == 2
-
-
-def test_hf_attn_implementation_tritongpt_from_pretrained(tmp_path, monkeypatch, device):
-    """After one import, transformers loads any model with attn_implementation="tritongpt"."""
-    import tritongpt.kernels.hf  # noqa: F401  (registers the name)
-    transformers = pytest.importorskip("transformers")
-    hf_model("cpu").save_pretrained(tmp_path)
-    ours = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, attn_implementation="tritongpt").to(device).eval()
-    sdpa = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, attn_implementation="sdpa").to(device).eval()
-    calls = spy_ops(monkeypatch)
-    idx = torch.randint(0, 97, (2, 9), device=device)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(idx).logits, sdpa(idx).logits, rtol=1e-5, atol=1e-5)
-    assert calls == ["flash_attention"] * 2
-
-
-def test_hf_attention_function_refers_what_it_cannot_compute_to_sdpa(monkeypatch):
-    """The registered function, called directly: kernel for no-mask causal, decode and non-causal
-    calls (GQA heads repeated), transformers' sdpa for masks, dropout and unknown keywords."""
-    from tritongpt.kernels import hf
-    pytest.importorskip("transformers")
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    module = nn.Module()
-    q, k, v = (torch.randn(2, 4, T, 16, dtype=torch.float64) for T in (6, 6, 6))
-    cases = [  # (query, key/value length, kwargs, runs the kernel)
-        (q, 6, {}, True), (q[:, :, -1:], 6, {}, True), (q, 6, {"is_causal": False}, True),
-        (q[:, :, :3], 6, {}, True),  # a prefill into a longer, pre-allocated cache: keys cropped
-        (q, 6, {"dropout": 0.1}, False), (q, 6, {"sliding_window": 4}, False),
-        (q, 6, {"attention_mask": torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()}, False),
-        (q, 3, {}, False),  # more queries than keys: SDPA's start alignment, no kernel equivalent
-    ]
-    for query, tk, kwargs, kernel in cases:
-        kwargs = {"attention_mask": None, "scaling": 0.3, **kwargs}
-        calls = spy_ops(monkeypatch)
-        torch.manual_seed(0)
-        got, _ = hf.attention(module, query, k[:, :, :tk], v[:, :, :tk], **kwargs)
-        torch.manual_seed(0)
-        want, _ = sdpa_attention_forward(module, query, k[:, :, :tk], v[:, :, :tk], **kwargs)
-        assert calls == (["flash_attention"] if kernel else []), (query.shape, tk, kwargs)
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-        assert got.is_contiguous()
-    module.num_key_value_groups = 2  # GQA: 4 query heads on 2 key/value heads
-    calls = spy_ops(monkeypatch)
-    got, _ = hf.attention(module, q, k[:, :2], v[:, :2], None, scaling=0.3)
-    want, _ = sdpa_attention_forward(module, q, k[:, :2], v[:, :2], None, scaling=0.3)
-    assert calls == ["flash_attention"]
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_hf_attention_probe_catches_a_wrong_adapter(monkeypatch, device):
