@@ -14,5 +14,6 @@ nothing), optionally `cases(args)` (for `pytest bench --benchmark-only`), and
 `main(argv=None)`, which is just `harness.bench_main(sys.modules[__name__], argv)`. `python -m
 bench` discovers the modules by name and runs them all in one process; each module still runs
 alone as a script. Results are JSON files under bench/results/ in the format of DESIGN.md.
-Without a CUDA GPU every entry point prints why it skipped and exits 0.
+Without a CUDA GPU every entry point prints why it skipped and exits 0, except with --smoke:
+tiny shapes, on CPU too (kernels in Triton's interpreter), results in a temporary folder (CI).
 """

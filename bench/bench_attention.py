@@ -45,6 +45,8 @@ CAUSAL = True
 OPTIONAL = ("torch", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient")  # failures skip, not stop
 SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
                  "sdpa_efficient": "EFFICIENT_ATTENTION", "torch": "MATH"}
+CUDA_ONLY = ("sdpa_cudnn", "sdpa_efficient")  # SDPA has no CPU version of these (smoke runs on CPU)
+SMOKE = {"B": 1, "H": 2, "QUICK_SHAPES": ((32, 16),)}  # a smoke run's shapes (harness.smoke_constants)
 
 
 def attention_flops(batch, heads, T, D, mode, causal=CAUSAL):
@@ -73,6 +75,9 @@ def providers(no_compile=False):
     fns = {"triton": flash_attention}
     skipped = {}
     for name, backend in SDPA_BACKENDS.items():
+        if name in CUDA_ONLY and harness.device() != "cuda":
+            skipped[name] = "needs CUDA"
+            continue
         try:
             fns[name] = _pinned_sdpa(backend)
         except (ImportError, AttributeError) as e:  # an older torch without that backend
@@ -149,7 +154,8 @@ def collect(args):
     fns, skipped = providers(args.no_compile)
     skipped = harness.keyed_skips(OP, skipped)
     warmup, rep = harness.repetitions(args)
-    rows = run(shapes_for(args), fns, skipped, warmup, rep, progress=getattr(args, "progress", None))
+    rows = run(shapes_for(args), fns, skipped, warmup, rep, device=harness.device(),
+               progress=getattr(args, "progress", None))
     return rows, {"skipped": skipped}
 
 
@@ -157,7 +163,7 @@ def cases(args):
     """The protocol's pytest-benchmark cases: (id, setup) per shape, provider and mode (the math
     reference only up to MATH_MAX_T)."""
     fns, _ = providers(args.no_compile)
-    points = [(f"T{T}-D{D}", functools.partial(make_inputs, T, D)) for T, D in shapes_for(args)]
+    points = [(f"T{T}-D{D}", functools.partial(make_inputs, T, D, harness.device())) for T, D in shapes_for(args)]
     length = {label: make.args[0] for label, make in points}
     return harness.provider_cases(OP, fns, points, prepare,
                                   keep=lambda name, label: name != "torch" or length[label] <= MATH_MAX_T)

@@ -41,6 +41,7 @@ MODES = harness.MODES
 DTYPE = torch.bfloat16
 IGNORE_INDEX = -1
 OPTIONAL = ("torch_compile", "liger")  # providers whose failure skips them instead of stopping the run
+SMOKE = {"QUICK_ROWS": (8,), "V": 500, "C": 32}  # a smoke run's shapes (harness.smoke_constants)
 
 
 def cross_entropy_bytes(N, vocab, mode, itemsize=2):
@@ -149,7 +150,7 @@ def collect(args):
             continue
         fns, op_skipped = providers(op, args.no_compile)
         skipped.update(harness.keyed_skips(op, op_skipped))
-        rows += run(op, row_counts_for(args), fns, skipped, warmup, rep)
+        rows += run(op, row_counts_for(args), fns, skipped, warmup, rep, device=harness.device())
     return rows, {"skipped": skipped}
 
 
@@ -158,7 +159,8 @@ def cases(args):
     for op in OPS:
         if harness.wants(args, op):
             fns, _ = providers(op, args.no_compile)
-            points = [(f"N{N}", functools.partial(make_inputs, op, N)) for N in row_counts_for(args)]
+            points = [(f"N{N}", functools.partial(make_inputs, op, N, harness.device()))
+                      for N in row_counts_for(args)]
             yield from harness.provider_cases(op, fns, points, prepare)
 
 

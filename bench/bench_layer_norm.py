@@ -43,6 +43,7 @@ MODES = harness.MODES
 DTYPE = torch.bfloat16
 EPS = 1e-5
 OPTIONAL = ("torch_compile", "liger")  # providers whose failure skips them instead of stopping the run
+SMOKE = {"ROWS": 64, "QUICK_WIDTHS": (96,)}  # a smoke run's shapes (harness.smoke_constants)
 
 
 def layer_norm_bytes(rows, C, mode, itemsize=2, param_itemsize=None):
@@ -118,16 +119,16 @@ def collect(args):
     fns, skipped = providers(args.no_compile)
     skipped = harness.keyed_skips(OP, skipped)
     warmup, rep = harness.repetitions(args)
-    copy_gbps = harness.copy_bandwidth_gbps("cuda")
+    copy_gbps = harness.copy_ceiling_gbps(args)
     print(f"measured copy bandwidth: {copy_gbps:.0f} GB/s")
-    rows = run(widths_for(args), fns, skipped, copy_gbps, warmup, rep)
+    rows = run(widths_for(args), fns, skipped, copy_gbps, warmup, rep, device=harness.device())
     return rows, {"copy_gbps": round(copy_gbps, 1), "skipped": skipped}
 
 
 def cases(args):
     """The protocol's pytest-benchmark cases: (id, setup) per width, provider and mode."""
     fns, _ = providers(args.no_compile)
-    points = [(f"C{C}", functools.partial(make_inputs, C)) for C in widths_for(args)]
+    points = [(f"C{C}", functools.partial(make_inputs, C, harness.device())) for C in widths_for(args)]
     return harness.provider_cases(OP, fns, points, prepare)
 
 

@@ -47,6 +47,7 @@ QUICK_WIDTHS = (768,)
 MODES = harness.MODES
 DTYPE = torch.bfloat16
 OPTIONAL = ("torch_compile",)  # providers whose failure skips them instead of stopping the run
+SMOKE = {"ROWS": 32, "QUICK_WIDTHS": (32,)}  # a smoke run's shapes (harness.smoke_constants)
 
 
 def mlp_flops(rows, C, mode, hidden=None):
@@ -118,16 +119,16 @@ def collect(args):
     fns, skipped = providers(args.no_compile)
     skipped = harness.keyed_skips(OP, skipped)
     warmup, rep = harness.repetitions(args)
-    ceiling = harness.matmul_tflops("cuda")
+    ceiling = harness.matmul_ceiling_tflops(args)
     print(f"measured bf16 matmul ceiling: {ceiling:.0f} TFLOP/s")
-    rows = run(widths_for(args), fns, skipped, ceiling, warmup, rep)
+    rows = run(widths_for(args), fns, skipped, ceiling, warmup, rep, device=harness.device())
     return rows, {"matmul_tflops": round(ceiling, 1), "skipped": skipped}
 
 
 def cases(args):
     """The protocol's pytest-benchmark cases: (id, setup) per width, provider and mode."""
     fns, _ = providers(args.no_compile)
-    points = [(f"C{C}", functools.partial(make_inputs, C)) for C in widths_for(args)]
+    points = [(f"C{C}", functools.partial(make_inputs, C, harness.device())) for C in widths_for(args)]
     return harness.provider_cases(OP, fns, points, prepare)
 
 

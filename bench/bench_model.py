@@ -41,7 +41,7 @@ from typing import NamedTuple
 
 import torch
 
-from tritongpt.bench import harness
+from tritongpt.bench import harness, report
 from tritongpt.model.gpt import flops_per_token  # (6*N + 12*L*C*T, see the docstring)
 
 OP = "train_step"
@@ -53,6 +53,13 @@ BATCH_CANDIDATES = (64, 48, 32, 24, 16)
 PEAK_TFLOPS = 989.0  # H100 SXM, dense bf16 (no sparsity)
 DTYPE = torch.bfloat16
 WARMUP_STEPS = 3  # untimed steps before timing: compilation, allocator and optimizer-state warm-up
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for the compiled variants
+# A smoke run (harness.smoke_constants): the tiny preset, one batch size, no extra warm-up step
+# (time_ms's first call is one), and torch.compile's aot_eager backend: it traces the model and its
+# backward (what breaks when a kernel's custom op does not trace) without Inductor's code
+# generation, which on CPU is C++, not the GPU's Triton, and takes about a minute per variant.
+SMOKE = {"PRESET": "tiny", "T": 16, "FIXED_BATCH": 1, "BATCH_CANDIDATES": (1,), "WARMUP_STEPS": 0,
+         "COMPILE_BACKEND": "aot_eager"}
 
 
 class Variant(NamedTuple):
@@ -151,7 +158,7 @@ def build(kernels, compiled, device="cuda", preset=PRESET):
     is_cuda = torch.device(device).type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=is_cuda)
-    forward = torch.compile(model, dynamic=False) if compiled else model
+    forward = torch.compile(model, dynamic=False, backend=COMPILE_BACKEND) if compiled else model
     return model, forward, opt
 
 
@@ -179,12 +186,15 @@ def step_at(variant, device="cuda", preset=PRESET, seq_len=T):
     return make_step(forward, opt, idx, targets)
 
 
-def measure(variant, warmup, rep):
-    """(time_ms dict, peak MiB of one step) of `variant` on CUDA, after WARMUP_STEPS steps."""
-    step = step_at(variant)
+def measure(variant, warmup, rep, device="cuda"):
+    """(time_ms dict, peak MiB of one step) of `variant`, after WARMUP_STEPS steps; on CPU (a
+    smoke run) the peak is None."""
+    step = step_at(variant, device, PRESET, T)
     for _ in range(WARMUP_STEPS):
         step()
     timing = harness.time_ms(step, warmup=warmup, rep=rep)
+    if device != "cuda":
+        return timing, None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     step()
@@ -203,7 +213,7 @@ def run(plan, measure_fn, flops_tok, skipped, seq_len=T, progress=None):
             timing, mem = measure_fn(v)
         except Exception as e:  # noqa: BLE001  (one variant's failure is data, not the end)
             skipped[key] = ("out of memory" if isinstance(e, torch.OutOfMemoryError)
-                            else harness.error_summary(e))
+                            else f"failed: {harness.error_summary(e)}")
             print(f"{key}: skipped, {skipped[key]}", flush=True)
             continue
         finally:
@@ -217,7 +227,7 @@ def run(plan, measure_fn, flops_tok, skipped, seq_len=T, progress=None):
             tokens_per_s=tokens_per_s(v.batch, seq_len, timing["ms"]), mfu=mfu(flops, timing["ms"]),
             kernels=v.kernels))
         print(f"{key}: {timing['ms']:.1f} ms, {rows[-1]['tokens_per_s']:,.0f} tokens/s, "
-              f"MFU {rows[-1]['mfu']:.1%}, peak {mem:,.0f} MiB", flush=True)
+              f"MFU {rows[-1]['mfu']:.1%}, peak {report.cell(mem, '{:,.0f}')} MiB", flush=True)
         if progress is not None:
             progress(rows)
     return rows
@@ -227,14 +237,16 @@ def collect(args):
     """The benchmark protocol (bench/harness.py): (rows, meta_extra) of one run on CUDA."""
     from tritongpt.model.gpt import GPTConfig, available_kernels
 
+    device = harness.device()
+
     def try_batch(batch):
         # two steps: the second also holds the optimizer state the first one creates
-        step = step_at(Variant("torch", "none", False, batch))
+        step = step_at(Variant("torch", "none", False, batch), device, PRESET, T)
         step()
         step()
-        torch.cuda.synchronize()
+        harness.synchronize()
 
-    max_batch, tried = find_max_batch(try_batch)
+    max_batch, tried = find_max_batch(try_batch, BATCH_CANDIDATES)
     release_memory()
     search = ", ".join(f"B={b}: {why}" for b, why in tried.items())
     print(f"largest batch that fits (reference model, eager): {max_batch} ({search})", flush=True)
@@ -243,11 +255,15 @@ def collect(args):
         meta["skipped"][OP] = f"no batch in {BATCH_CANDIDATES} fits ({search})"
         return [], meta
     plan = variants(available_kernels(), max_batch, args.quick, args.no_compile)
-    warmup, rep = (100, 500) if args.quick else (300, 1500)
-    flops_tok = model_flops_per_token(GPTConfig.from_name(PRESET))
-    report = getattr(args, "progress", None)
-    progress = (lambda rows: report(rows, meta)) if report else None
-    rows = run(plan, lambda v: measure(v, warmup, rep), flops_tok, meta["skipped"], progress=progress)
+    if getattr(args, "smoke", False):
+        warmup, rep = harness.repetitions(args)
+    else:
+        warmup, rep = (100, 500) if args.quick else (300, 1500)
+    flops_tok = model_flops_per_token(GPTConfig.from_name(PRESET), T)
+    save = getattr(args, "progress", None)
+    progress = (lambda rows: save(rows, meta)) if save else None
+    rows = run(plan, lambda v: measure(v, warmup, rep, device), flops_tok, meta["skipped"], seq_len=T,
+               progress=progress)
     return rows, meta
 
 

@@ -15,12 +15,16 @@ The protocol. `python -m tritongpt.bench` runs every module `bench/bench_<name>.
   so a run cut short keeps them.
 - rows: `make_row` dicts. meta_extra: a dict merged into the results file's meta (for example
   copy_gbps); its "skipped" entry maps "<op>:<provider>" to why that provider did not run.
+- Optional, for smoke runs (`--smoke`): `SMOKE = {"CONSTANT": value, ...}`, the module constants
+  (shapes, the model preset) that `smoke_constants` replaces while collect or the cases run, so a
+  smoke run goes through the same code at tiny sizes. collect and cases put their tensors on
+  `device()` (CUDA, else CPU, which only a smoke run uses).
 - Optional, for `pytest bench --benchmark-only` (bench/test_benchmarks.py):
   `cases(args)` yields (case_id, setup) where setup() builds the inputs and returns (fn, leaves):
   fn is the callable to time, leaves the tensors whose .grad is set to None before each run.
   A module without `cases` is simply not part of the pytest-benchmark run.
 
-`bench_main` parses the shared flags, skips with a message (exit 0) without CUDA, calls collect,
+`bench_main` parses the shared flags, skips with a message (exit 0) without CUDA (unless --smoke), calls collect,
 writes one results file named after the module (bench_cross_entropy.py -> cross_entropy-...json)
 and prints the rendered tables. The suite (bench/__main__.py) calls collect of every module in one
 process, merges the rows and metas into one file, and renders the report.
@@ -31,6 +35,14 @@ buffer before every timed run (`runtime.driver.active.clear_cache`), outside the
 which evicts the inputs from L2 (50 MB on an H100). Inputs that would fit in L2, such as
 a 16384 x 768 bf16 activation (25 MB), are therefore still read from HBM in every timed run, and
 no input rotation is needed.
+
+Smoke runs (`--smoke`, for CI): every module, provider and mode at tiny shapes (each module's SMOKE)
+with a few repetitions, through the same code as a GPU run, into a temporary folder by default.
+Without CUDA our kernels run in Triton's interpreter (`use_interpreter`), `time_ms` times with the
+CPU clock and peak memory is not measured (None). The results file's meta says "smoke": true and
+names the "device"; `python -m tritongpt.bench.readme_table` ignores such files. In a smoke run an
+optional provider that fails (a skip reason starting "failed", see `failures`) fails the run too:
+CI must notice a provider that would crash on the GPU.
 
 A results file is {"meta": {...}, "rows": [...]} with the keys DESIGN.md lists (META_KEYS, ROW_KEYS);
 `make_row` builds a row and checks it, `write_results` / `load_results` write and read a file and
@@ -48,6 +60,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -78,11 +93,34 @@ def time_ms(fn, warmup=25, rep=100, grad_to_none=None):
 
     warmup and rep are budgets in ms (do_bench's meaning). grad_to_none: tensors whose .grad is set
     to None before every timed run, outside the timed region, so a backward never accumulates.
+    Without CUDA (smoke runs) it times with the CPU clock instead: cpu_time_ms.
     """
+    if not torch.cuda.is_available():
+        return cpu_time_ms(fn, rep, grad_to_none)
     from triton.testing import do_bench
 
     ms, p20, p80 = do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none,
                             quantiles=[0.5, 0.2, 0.8])
+    return {"ms": ms, "ms_p20": p20, "ms_p80": p80}
+
+
+CPU_MAX_RUNS = 3  # timed runs of one measurement on CPU: a smoke run checks the code, not the speed
+
+
+def cpu_time_ms(fn, rep, grad_to_none=None):
+    """time_ms on CPU: one untimed warm-up call (it compiles), then as many calls as fit in rep ms,
+    at least one and at most CPU_MAX_RUNS, timed with time.perf_counter."""
+    def once():
+        for t in grad_to_none or ():
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    first = once()
+    runs = min(CPU_MAX_RUNS, max(1, int(rep / max(first, 1e-6))))
+    times = torch.tensor([once() for _ in range(runs)], dtype=torch.float64)
+    ms, p20, p80 = times.quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
     return {"ms": ms, "ms_p20": p20, "ms_p80": p80}
 
 
@@ -92,8 +130,11 @@ def peak_memory_mb(fn):
     The inputs (and anything else the caller holds, such as a saved forward graph before a
     backward) are allocated before the call and are not counted; what is counted is every tensor
     the call creates, outputs and saved activations included, at its high-water mark. That makes
-    the number comparable across providers that share the same inputs.
+    the number comparable across providers that share the same inputs. Without CUDA: None, and fn
+    is not called (CPU memory is not measured).
     """
+    if not torch.cuda.is_available():
+        return None
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -137,7 +178,7 @@ def copy_bandwidth_gbps(device="cuda", nbytes=2**30):
     dst = torch.empty_like(src)
     timing = time_ms(lambda: dst.copy_(src))
     del src, dst
-    torch.cuda.empty_cache()
+    empty_cache()
     return gbps(2 * nbytes, timing["ms"])
 
 
@@ -149,8 +190,40 @@ def matmul_tflops(device="cuda", n=8192, dtype=torch.bfloat16):
     b = torch.randn(n, n, device=device, dtype=dtype)
     timing = time_ms(lambda: a @ b)
     del a, b
-    torch.cuda.empty_cache()
+    empty_cache()
     return tflops(2 * n**3, timing["ms"])
+
+
+# The ceilings of a smoke run: small enough for a CPU (a 16 MiB copy, a 256^3 matmul).
+SMOKE_COPY_BYTES = 2**24
+SMOKE_MATMUL_N = 256
+
+
+def copy_ceiling_gbps(args):
+    """copy_bandwidth_gbps with the arguments of this run (small for a smoke run); every caller in
+    one process passes the same ones, so they share one cached measurement."""
+    if getattr(args, "smoke", False):
+        return copy_bandwidth_gbps(device(), SMOKE_COPY_BYTES)
+    return copy_bandwidth_gbps("cuda")
+
+
+def matmul_ceiling_tflops(args):
+    """matmul_tflops with the arguments of this run (small for a smoke run), cached like copy_ceiling_gbps."""
+    if getattr(args, "smoke", False):
+        return matmul_tflops(device(), SMOKE_MATMUL_N)
+    return matmul_tflops("cuda")
+
+
+def empty_cache():
+    """torch.cuda.empty_cache() where there is CUDA; nothing on CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def synchronize():
+    """torch.cuda.synchronize() where there is CUDA; nothing on CPU (it runs synchronously)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def error_summary(e):
@@ -192,7 +265,9 @@ def _time_prepared(prepare, fn, mode, inputs, warmup, rep):
 
 
 def repetitions(args):
-    """(warmup, rep) of do_bench for a run: fewer with --quick."""
+    """(warmup, rep) of do_bench for a run, in ms: fewer with --quick, the fewest with --smoke."""
+    if getattr(args, "smoke", False):
+        return 1, 1
     return (5, 20) if args.quick else (25, 100)
 
 
@@ -217,8 +292,7 @@ def sweep(op, fns, points, measure, warmup, rep, skipped, optional, metrics, dty
             rows.append(make_row(op, name, mode, dtype, shape, timing, peak_mem_mb=mem,
                                  **metrics(shape, mode, timing["ms"])))
         del inputs
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        empty_cache()
     return rows
 
 
@@ -240,6 +314,27 @@ def _case(prepare, fn, mode, make_inputs):
 
 
 # --- the machine --------------------------------------------------------------------------------
+
+def device():
+    """The device a benchmark puts its tensors on: "cuda", else "cpu" (only smoke runs get there)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def use_interpreter():
+    """Make sure our kernels can run here: without CUDA, in Triton's interpreter.
+
+    Triton reads TRITON_INTERPRET when a kernel is decorated, and importing `tritongpt` (which any
+    `python -m tritongpt.bench...` does first) has already decorated them; so without CUDA, when the
+    variable is not set, this process is replaced by the same command line with it set.
+    """
+    from tritongpt.kernels._utils import interpreting
+
+    if torch.cuda.is_available() or interpreting():
+        return
+    print("no CUDA: running the kernels in Triton's interpreter (TRITON_INTERPRET=1)", flush=True)
+    sys.stdout.flush()
+    os.execve(sys.executable, sys.orig_argv, dict(os.environ, TRITON_INTERPRET="1"))
+
 
 def require_cuda(what):
     """True when a CUDA GPU is available; else print why `what` is skipped and return False."""
@@ -291,6 +386,37 @@ def machine_meta(command=None):
         "date": utc_now(),
         "command": command,
     }
+
+
+def smoke_meta():
+    """What marks a smoke run's results file (never a measurement to publish): merged into its meta."""
+    return {"smoke": True, "device": device()}
+
+
+def is_smoke(meta):
+    """True for the meta of a smoke run, or of any run without a GPU."""
+    return bool(meta.get("smoke")) or not meta.get("gpu")
+
+
+def failures(meta):
+    """{name: why} of the skips in meta that are failures (reason "failed ..."), not choices such as
+    "not installed", "--no-compile" or "needs CUDA"."""
+    return {k: v for k, v in (meta.get("skipped") or {}).items() if str(v).startswith("failed")}
+
+
+@contextmanager
+def smoke_constants(module, smoke=True):
+    """While in the block, a smoke run's module has its SMOKE constants (tiny shapes) in place of
+    its own; they are put back afterwards. Does nothing unless smoke."""
+    values = getattr(module, "SMOKE", {}) if smoke else {}
+    saved = {name: getattr(module, name) for name in values}
+    try:
+        for name, value in values.items():
+            setattr(module, name, value)
+        yield module
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
 
 
 # --- rows and files --------------------------------------------------------------------------
@@ -464,15 +590,30 @@ def parse_ops(text):
 def arg_parser(description):
     """An ArgumentParser with the flags every benchmark script (and the suite) shares."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--out-dir", default=str(RESULTS_DIR),
-                        help="where the results JSON goes (default: bench/results)")
+    parser.add_argument("--out-dir", default=None,
+                        help="where the results JSON goes (default: bench/results; with --smoke, a new "
+                             "temporary folder)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer shapes and shorter timing, for a smoke run")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile providers")
     parser.add_argument("--only", type=parse_ops, default=None, metavar="OPS",
                         help=f"comma-separated ops to run (default: all); ops: {','.join(OPS)}")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes, a few repetitions, CPU allowed (kernels in Triton's "
+                             "interpreter): checks that every provider runs; the numbers mean nothing")
     return parser
+
+
+def parse_args(description, argv=None):
+    """The shared flags, parsed; --smoke implies --quick, and --out-dir defaults to bench/results,
+    or to a new temporary folder for a smoke run (its results must not land among the real ones)."""
+    args = arg_parser(description).parse_args(argv)
+    if args.smoke:
+        args.quick = True
+    if args.out_dir is None:
+        args.out_dir = tempfile.mkdtemp(prefix="tritongpt-smoke-") if args.smoke else str(RESULTS_DIR)
+    return args
 
 
 def wants(args, op):
@@ -507,18 +648,48 @@ def save_and_show(rows, meta, out_dir, name=None):
     return path
 
 
+def render_report(out_dir):
+    """REPORT.md and plots/ in out_dir from every results file there (bench/report.py)."""
+    from tritongpt.bench import report
+
+    out_dir = Path(out_dir)
+    files = [str(p) for p in sorted(out_dir.glob("*.json"))]
+    return report.main(files + ["--out", str(out_dir / "REPORT.md"), "--plots-dir", str(out_dir / "plots")])
+
+
+def collect(module, args):
+    """module.collect(args), with its SMOKE constants in place for a smoke run."""
+    with smoke_constants(module, getattr(args, "smoke", False)):
+        return module.collect(args)
+
+
+def smoke_failed(meta):
+    """For a smoke run: print the providers that failed (see `failures`) and return whether any did."""
+    failed = failures(meta)
+    for name, why in failed.items():
+        print(f"smoke run: {name} {why}")
+    return bool(failed)
+
+
 def bench_main(module, argv=None):
     """The entry point of one benchmark module (see the protocol in the module docstring)."""
     name = module_name(module)
-    args = arg_parser((module.__doc__ or name).splitlines()[0]).parse_args(argv)
-    if not require_cuda(name):
+    args = parse_args((module.__doc__ or name).splitlines()[0], argv)
+    if args.smoke:
+        use_interpreter()
+    elif not require_cuda(name):
         return 0
     if not any(wants(args, op) for op in module.OPS):
         print(f"{name}: nothing to run, --only names none of {', '.join(module.OPS)}")
         return 0
-    rows, meta_extra = module.collect(args)
+    rows, meta_extra = collect(module, args)
     meta = merge_meta(machine_meta(), meta_extra)
+    if args.smoke:
+        meta.update(smoke_meta())
     save_and_show(rows, meta, args.out_dir, name=name.removeprefix("bench_"))
+    if args.smoke:
+        render_report(args.out_dir)
+        return 1 if smoke_failed(meta) else 0
     return 0
 
 

@@ -1,14 +1,17 @@
 """The op benchmarks under pytest-benchmark, on CUDA:
 
     pytest bench --benchmark-only [--benchmark-json out.json]
+    pytest bench --benchmark-only --smoke      # tiny shapes, 2 rounds; on CPU too (CI)
 
 One test per case that a benchmark module yields from its optional `cases(args)` (the protocol in
-bench/harness.py), at the --quick shapes (set TRITONGPT_BENCH_FULL=1 for every shape). Each timed
-round runs the case once and synchronizes the device, so the time is the GPU's, not the launch's;
-gradients are reset outside the timed region. Without CUDA the one test skips with the reason.
+bench/harness.py), at the --quick shapes (set TRITONGPT_BENCH_FULL=1 for every shape), or at the
+modules' SMOKE shapes with --smoke (bench/conftest.py). Each timed round runs the case once and
+synchronizes the device, so the time is the GPU's, not the launch's; gradients are reset outside
+the timed region. Without CUDA (and without --smoke) the one test skips with the reason.
 Not collected by the default `python -m pytest` (pytest.ini's testpaths is tests/).
 """
 import argparse
+import contextlib
 import os
 
 import pytest
@@ -19,25 +22,38 @@ from tritongpt.bench import harness
 HAS_CUDA = torch.cuda.is_available()
 NO_CUDA = "op benchmarks need a CUDA GPU (none found)"
 
-ARGS = argparse.Namespace(quick=os.environ.get("TRITONGPT_BENCH_FULL") != "1", no_compile=False,
-                          only=None, out_dir=None)
-ROUNDS = 30
-WARMUP_ROUNDS = 3
+ROUNDS, WARMUP_ROUNDS = 30, 3
+SMOKE_ROUNDS, SMOKE_WARMUP_ROUNDS = 2, 0
+# A smoke session's modules keep their SMOKE constants until the process ends: the cases build
+# their inputs when they run, long after collection.
+_SMOKE_STACK = contextlib.ExitStack()
 
 
-def _cases():
+def _cases(smoke):
+    args = argparse.Namespace(quick=smoke or os.environ.get("TRITONGPT_BENCH_FULL") != "1",
+                              no_compile=False, only=None, out_dir=None, smoke=smoke)
     modules, _ = harness.discover_modules()
-    return [case for module in modules if hasattr(module, "cases") for case in module.cases(ARGS)]
+    cases = []
+    for module in modules:
+        if hasattr(module, "cases"):
+            if smoke:
+                _SMOKE_STACK.enter_context(harness.smoke_constants(module))
+            cases += list(module.cases(args))
+    return cases
 
 
-# Without CUDA one placeholder case, skipped below: a clean skip with the reason (exit status 0),
-# where an empty collection would end `pytest bench` with status 5.
-CASES = _cases() if HAS_CUDA else [("no-cuda", None)]
+def pytest_generate_tests(metafunc):
+    smoke = metafunc.config.getoption("smoke", False)
+    # Without CUDA one placeholder case, skipped in the test: a clean skip with the reason (exit
+    # status 0), where an empty collection would end `pytest bench` with status 5.
+    cases = _cases(smoke) if HAS_CUDA or smoke else [("no-cuda", None)]
+    metafunc.parametrize("setup", [setup for _, setup in cases], ids=[case_id for case_id, _ in cases])
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA)
-@pytest.mark.parametrize("setup", [setup for _, setup in CASES], ids=[case_id for case_id, _ in CASES])
-def test_op(benchmark, setup):
+def test_op(benchmark, request, setup):
+    if setup is None:
+        pytest.skip(NO_CUDA)
+    smoke = request.config.getoption("smoke", False)
     fn, leaves = setup()
 
     def clear_grads():
@@ -46,8 +62,9 @@ def test_op(benchmark, setup):
 
     def timed():
         fn()
-        torch.cuda.synchronize()
+        harness.synchronize()
 
     clear_grads()
     timed()  # compile and autotune outside the timing
-    benchmark.pedantic(timed, setup=clear_grads, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
+    rounds, warmup_rounds = (SMOKE_ROUNDS, SMOKE_WARMUP_ROUNDS) if smoke else (ROUNDS, WARMUP_ROUNDS)
+    benchmark.pedantic(timed, setup=clear_grads, rounds=rounds, warmup_rounds=warmup_rounds)

@@ -324,7 +324,7 @@ def test_suite_writes_one_file_records_a_failure_and_renders(tmp_path, monkeypat
              _fake_module("bench_mlp", ("mlp",), broken_collect)]
     monkeypatch.setattr(harness, "require_cuda", lambda what: True)
     monkeypatch.setattr(harness, "discover_modules", lambda only: (fakes, {"bench_old": "no collect"}))
-    monkeypatch.setattr(suite, "measure_ceilings", lambda: {"copy_gbps": 3000.0, "matmul_tflops": 700.0})
+    monkeypatch.setattr(suite, "measure_ceilings", lambda args: {"copy_gbps": 3000.0, "matmul_tflops": 700.0})
     monkeypatch.setattr(suite, "_release_memory", lambda: None)
     assert suite.main(["--quick", "--out-dir", str(tmp_path)]) == 1  # bench_mlp failed
     [path] = tmp_path.glob("suite-*.json")
@@ -364,7 +364,7 @@ def test_suite_progress_save_keeps_the_partial_meta(tmp_path, monkeypatch):
     monkeypatch.setattr(harness, "require_cuda", lambda what: True)
     monkeypatch.setattr(harness, "discover_modules",
                         lambda only: ([_fake_module("bench_model", ("train_step",), interrupted)], {}))
-    monkeypatch.setattr(suite, "measure_ceilings", lambda: {})
+    monkeypatch.setattr(suite, "measure_ceilings", lambda args: {})
     monkeypatch.setattr(suite, "_release_memory", lambda: None)
     with pytest.raises(KeyboardInterrupt):
         suite.main(["--out-dir", str(tmp_path)])
@@ -503,7 +503,7 @@ def test_model_run_makes_rows_and_records_failures(monkeypatch):
                   progress=lambda rows: reported.append(len(rows)))
     assert reported == list(range(1, len(plan) - 1))  # after every measured variant
     assert skipped == {"train_step:triton:mlp@B=32": "out of memory",
-                       "train_step:triton+compile@B=16": "RuntimeError: dynamo failed"}
+                       "train_step:triton+compile@B=16": "failed: RuntimeError: dynamo failed"}
     assert len(rows) == len(plan) - 2
     torch_row = next(r for r in rows if r["provider"] == "torch" and r["shape"]["B"] == 32)
     assert torch_row["provider"] == "torch" and torch_row["kernels"] == "none"
@@ -599,9 +599,9 @@ SHIM = """#!/usr/bin/env bash
 # python stand-in: logs its arguments; renders reports with the real python; fakes the rest
 echo "$*" >> "$SHIM_LOG"
 case "$1 $2" in
-  "-m bench.report") exec "$REAL_PY" "$@" ;;
+  "-m tritongpt.bench.report") exec "$REAL_PY" "$@" ;;
   "-m pytest") [ "$3" = bench ] && exit 0 || exit 1 ;;  # the test suite "fails"
-  "-m bench")  # writes its results file, then outlives its cap
+  "-m tritongpt.bench")  # writes its results file, then outlives its cap
     for ((i = 1; i <= $#; i++)); do
       if [ "${!i}" = --out-dir ]; then j=$((i + 1)); cp "$FAKE_RESULTS" "${!j}/"; fi
     done
@@ -632,7 +632,7 @@ def test_validate_gpu_script_keeps_results_of_a_capped_run(tmp_path):
     calls = (tmp_path / "calls").read_text().splitlines()
     assert any(c.startswith("-m pytest -q") and f"--junitxml {out}/tests.xml" in c for c in calls)
     assert any(c.startswith("-m pytest bench --benchmark-only") for c in calls)
-    assert any(c.startswith("-m bench --quick --out-dir") for c in calls)
+    assert any(c.startswith("-m tritongpt.bench --quick --out-dir") for c in calls)
 
 
 
@@ -678,3 +678,124 @@ def test_bench_mlp_follows_the_protocol():
     args = harness.arg_parser("x").parse_args(["--quick", "--no-compile"])
     ids = [case_id for case_id, _ in bmlp.cases(args)]
     assert ids == [f"mlp-C768-{p}-{m}" for p in ("triton", "torch") for m in bmlp.MODES]
+
+
+# --- smoke runs (--smoke): CPU timing, tiny shapes, marked results, failures ---------------------
+
+def test_cpu_timer_runs_a_warm_up_then_a_few_timed_calls():
+    calls, leaf = [], torch.zeros(2, requires_grad=True)
+
+    def fn():
+        assert leaf.grad is None  # grad_to_none clears it before every call
+        leaf.grad = torch.ones(2)
+        calls.append(1)
+
+    t = harness.cpu_time_ms(fn, rep=1e9, grad_to_none=[leaf])  # a huge budget: capped runs
+    assert len(calls) == 1 + harness.CPU_MAX_RUNS
+    assert 0 < t["ms_p20"] <= t["ms"] <= t["ms_p80"]
+    calls.clear()
+    harness.cpu_time_ms(lambda: (calls.append(1), __import__("time").sleep(0.002)), rep=0.0)
+    assert len(calls) == 2  # at least one timed call, whatever the budget
+
+
+def test_smoke_constants_are_put_back():
+    module = types.SimpleNamespace(ROWS=16384, SMOKE={"ROWS": 8})
+    with harness.smoke_constants(module, smoke=False):
+        assert module.ROWS == 16384
+    with pytest.raises(RuntimeError), harness.smoke_constants(module):
+        assert module.ROWS == 8
+        raise RuntimeError("collect failed")
+    assert module.ROWS == 16384
+
+
+def test_smoke_results_go_to_a_temporary_folder_by_default():
+    args = harness.parse_args("x", ["--smoke"])
+    assert args.quick and Path(args.out_dir).is_dir()
+    assert Path(harness.RESULTS_DIR) not in Path(args.out_dir).resolve().parents
+    os.rmdir(args.out_dir)
+    assert harness.parse_args("x", []).out_dir == str(harness.RESULTS_DIR)
+
+
+def test_failures_are_the_skips_that_failed():
+    meta = {"skipped": {"layer_norm:liger": "not installed (x)", "attention:sdpa_cudnn": "needs CUDA",
+                        "mlp:torch_compile": "failed at C=32 fwd: RuntimeError: boom",
+                        "bench_model": "failed: ValueError: bad"}}
+    assert harness.failures(meta) == {k: meta["skipped"][k] for k in ("mlp:torch_compile", "bench_model")}
+    assert harness.failures({}) == {}
+    assert harness.is_smoke({"smoke": True, "gpu": "H100"}) and harness.is_smoke({"gpu": None})
+    assert not harness.is_smoke(META)
+
+
+def test_smoke_run_of_one_module_writes_results_report_and_plots(tmp_path, capsys):
+    """bench_layer_norm --smoke on this machine (CPU: the kernel in Triton's interpreter), as a GPU
+    run would go: every provider and mode, one results file marked smoke, REPORT.md and plots."""
+    assert bln.main(["--smoke", "--no-compile", "--out-dir", str(tmp_path)]) == 0
+    [path] = tmp_path.glob("layer_norm-*.json")
+    data = harness.load_results(path)
+    assert data["meta"]["smoke"] is True and data["meta"]["device"] == harness.device()
+    assert [(r["provider"], r["mode"]) for r in data["rows"]] == [(p, m) for p in ("triton", "torch")
+                                                                  for m in harness.MODES]
+    assert {r["shape"]["rows"] for r in data["rows"]} == {bln.SMOKE["ROWS"]}
+    assert bln.ROWS == 16384  # put back after the run
+    assert "## " in (tmp_path / "REPORT.md").read_text()
+    assert len(list((tmp_path / "plots").glob("*.png"))) >= 2
+    assert f"wrote {path}" in capsys.readouterr().out
+
+
+def _with_broken_liger(monkeypatch):
+    """bench_layer_norm's providers plus a 'liger' that crashes, as a broken provider would."""
+    def broken(x, w, b, eps=1e-5):
+        raise RuntimeError("provider exploded")
+
+    real = bln.providers
+    monkeypatch.setattr(bln, "providers", lambda no_compile=False: (
+        {**real(no_compile)[0], "liger": broken}, {}))
+
+
+def test_a_broken_provider_fails_the_smoke_run(tmp_path, monkeypatch, capsys):
+    """An optional provider's failure is data in a GPU run but fails a smoke run (CI), through the
+    suite and through the module alone."""
+    _with_broken_liger(monkeypatch)
+    monkeypatch.setattr(suite, "_release_memory", lambda: None)
+    args = ["--smoke", "--only", "layer_norm", "--no-compile", "--out-dir", str(tmp_path)]
+    assert suite.main(args) == 1
+    out = capsys.readouterr().out
+    assert "smoke run: layer_norm:liger failed at C=96 fwd: RuntimeError: provider exploded" in out
+    [path] = tmp_path.glob("suite-*.json")
+    assert {r["provider"] for r in harness.load_results(path)["rows"]} == {"triton", "torch"}
+    assert bln.main(args) == 1
+
+
+def test_readme_table_ignores_smoke_results(tmp_path, capsys):
+    harness.write_results(sample_rows(), dict(META, smoke=True, device="cpu"), tmp_path)
+    harness.write_results(sample_rows(), dict(META, gpu=None, date="2026-11-22T10:00:00Z"), tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    assert readme_table.main(["--readme", str(readme), "--results-dir", str(tmp_path)]) == 0
+    assert readme_table.NO_RESULTS in readme.read_text()
+    assert capsys.readouterr().out.count("a smoke run or a run without a GPU, not a measurement") == 2
+    harness.write_results(sample_rows(), META, tmp_path)  # a GPU measurement is used
+    readme_table.main(["--readme", str(readme), "--results-dir", str(tmp_path)])
+    assert "| layer_norm" in readme.read_text()
+
+
+def test_validate_gpu_script_dry_run_on_cpu(tmp_path):
+    """validate_gpu.sh --smoke with the real python, each stage narrowed to stay short: the flow a
+    GPU machine runs, every stage passing on this machine."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(out),
+               TEST_ARGS="tests/test_bench.py -k test_gbps_and_tflops_arithmetic",
+               PYTEST_BENCH_ARGS="-k layer_norm-C96-triton-fwd_bwd",
+               BENCH_ARGS="--smoke --only layer_norm --no-compile")
+    proc = subprocess.run(["bash", "bench/validate_gpu.sh", "--smoke"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    log = (out / "validate.log").read_text()
+    assert proc.returncode == 0, log
+    for stage in ("tests", "pytest-benchmark", "benchmark"):
+        assert f"== {stage}: exit 0" in log
+    assert "1 passed" in log and "pytest bench --benchmark-only -q --smoke" in log
+    names = sorted(p.name for p in out.iterdir())
+    assert [n for n in names if not n.startswith("suite-")] == sorted(
+        ["validate.log", "tests.xml", "pytest-benchmark.json", "REPORT.md", "plots.tar.gz"])
+    [results] = out.glob("suite-*.json")
+    assert harness.load_results(results)["meta"]["smoke"] is True

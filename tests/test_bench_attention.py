@@ -31,7 +31,10 @@ def test_run_on_cpu_records_rows_and_skips(monkeypatch):
     monkeypatch.setattr(harness, "time_ms", lambda fn, warmup, rep, grad_to_none: (fn(), dict(TIMING))[1])
     monkeypatch.setattr(harness, "peak_memory_mb", lambda fn: (fn(), 1.0)[1])
     fns, skipped = ba.providers()
-    fns = {name: fns[name] for name in ("triton", "torch", "sdpa_efficient")}
+    cpu_only = {name: "needs CUDA" for name in ba.CUDA_ONLY} if harness.device() == "cpu" else {}
+    assert skipped == cpu_only  # not offered on CPU
+    # offered anyway, it fails at its first call: an optional provider, so it is skipped
+    fns = {"triton": fns["triton"], "torch": fns["torch"], "sdpa_efficient": ba._pinned_sdpa("EFFICIENT_ATTENTION")}
     progress = []
     rows = ba.run(((16, 16), (32, 16)), fns, skipped, warmup=1, rep=1, device="cpu",
                   progress=lambda rows, extra: progress.append(len(rows)))
