@@ -16,7 +16,9 @@ setup(
     packages=["tritongpt"] + [f"tritongpt.{part}" for part in PARTS],
     package_dir={"tritongpt": "tritongpt", **{f"tritongpt.{part}": part for part in PARTS}},
     python_requires=">=3.10",
-    install_requires=["torch>=2.11", "triton>=3.6", "numpy", "tiktoken", "safetensors", "huggingface_hub"],
+    # tqdm and matplotlib: the demo's progress bar and its loss.png, from the first command on.
+    install_requires=["torch>=2.11", "triton>=3.6", "numpy", "tiktoken", "safetensors", "huggingface_hub", "tqdm",
+                      "matplotlib"],
     extras_require={
         # tritongpt.kernels.patch and the "tritongpt" attention implementation (kernels/hf.py);
         # .ci/run tests the oldest release named here and the newest one available.

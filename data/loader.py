@@ -62,6 +62,11 @@ def _open_shard(index, shard):
     return shard
 
 
+def _shard_name(index, shard):
+    """How messages name a shard: its path, or its place in the list for an in-memory array."""
+    return os.fspath(shard) if isinstance(shard, (str, os.PathLike)) else f"shards[{index}]"
+
+
 def _document_starts(tokens, eot):
     """Offsets where documents start: 0 and every EOT token (scanned in pieces: no full-size temp)."""
     found = [np.zeros(1, dtype=np.int64)]
@@ -97,10 +102,12 @@ class TokenLoader:
     shards: paths to .npy files of tokens (memory-mapped) or 1-D integer arrays, in a fixed order
     (the shuffle is seeded, so the order given matters for reproducibility). eot: the token that
     starts a document. shuffle=False reads the shards and documents in the order given (for
-    validation).
+    validation). vocab_size: when given, each shard is checked once, when first read, to hold
+    only ids below it (ValueError naming the shard otherwise: an embedding would fail on them).
     """
 
-    def __init__(self, shards, batch_size, seq_len, rank=0, world_size=1, seed=0, eot=EOT, shuffle=True):
+    def __init__(self, shards, batch_size, seq_len, rank=0, world_size=1, seed=0, eot=EOT, shuffle=True,
+                 vocab_size=None):
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.seq_len = _check_int("seq_len", seq_len, 1)
         self.world_size = _check_int("world_size", world_size, 1)
@@ -114,8 +121,11 @@ class TokenLoader:
         self.shuffle = bool(shuffle)
         if isinstance(shards, (str, os.PathLike, np.ndarray, torch.Tensor)) or len(shards) == 0:
             raise ValueError("shards must be a non-empty list of .npy paths or arrays")
-        opened = [_open_shard(i, s) for i, s in enumerate(shards)]
-        self.shards = [s for s in opened if len(s) > 0]
+        self.vocab_size = None if vocab_size is None else _check_int("vocab_size", vocab_size, 1)
+        opened = [(_shard_name(i, s), _open_shard(i, s)) for i, s in enumerate(shards)]
+        self.names = [name for name, s in opened if len(s) > 0]
+        self.shards = [s for _, s in opened if len(s) > 0]
+        self._checked = set()  # shards whose ids were checked against vocab_size
         if not self.shards:
             raise ValueError("shards hold no tokens")
         self.num_tokens = sum(len(s) for s in self.shards)  # tokens per epoch
@@ -205,6 +215,7 @@ class TokenLoader:
 
     def _read_shard(self, epoch, shard, lo, n):
         tokens = self.shards[shard]
+        self._check_ids(shard)
         if not self.shuffle:
             return np.asarray(tokens[lo:lo + n])
         key = (epoch, int(shard))
@@ -213,6 +224,20 @@ class TokenLoader:
             while len(self._layouts) > _LAYOUT_CACHE:
                 self._layouts.popitem(last=False)
         return self._layouts[key].gather(tokens, lo, n)
+
+    def _check_ids(self, shard):
+        """Once per shard: every id below vocab_size (scanned in pieces: no full-size temp)."""
+        if self.vocab_size is None or shard in self._checked:
+            return
+        tokens = self.shards[shard]
+        for lo in range(0, len(tokens), _SCAN_CHUNK):
+            piece = tokens[lo:lo + _SCAN_CHUNK]
+            top, bottom = int(piece.max()), int(piece.min())
+            if top >= self.vocab_size or bottom < 0:
+                bad = top if top >= self.vocab_size else bottom
+                raise ValueError(f"{self.names[shard]}: token id {bad} is outside the model's vocabulary "
+                                 f"(0..{self.vocab_size - 1}); was it made with another tokenizer?")
+        self._checked.add(shard)
 
     def _rng(self, *keys):
         # numpy's legacy RandomState: its streams are frozen across numpy versions, so a saved

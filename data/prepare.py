@@ -143,8 +143,11 @@ def prepare_shakespeare(out_dir, input_path=None, shard_tokens=DEFAULT_SHARD_TOK
     gpt2_encoding(tokenizer_dir)  # fail early, before any download, when the tokenizer is missing
     if input_path is None:
         input_path = fetch(SHAKESPEARE_URL, os.path.join(out_dir, "input.txt"), "tiny Shakespeare")
-    with open(input_path, encoding="utf-8") as f:
-        texts = shakespeare_documents(f.read())
+    try:
+        with open(input_path, encoding="utf-8") as f:
+            texts = shakespeare_documents(f.read())
+    except UnicodeDecodeError as err:  # its message names the byte, not the file
+        raise ValueError(f"{input_path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     docs = list(progress(tokenize_documents(texts, workers, tokenizer_dir), total=len(texts)))
     val_tokens = sum(len(d) for d in docs) // 10
     return write_shards(docs, out_dir, "shakespeare", shard_tokens, val_tokens)

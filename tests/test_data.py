@@ -493,3 +493,26 @@ def test_download_caches_once_and_explains_offline(tmp_path):
     with pytest.raises(RuntimeError, match="copy it to"):
         hellaswag.download(tmp_path / "empty", url=(tmp_path / "missing.jsonl").as_uri())
     assert not (tmp_path / "empty" / "hellaswag_val.jsonl").exists()
+
+
+def test_prepare_names_a_file_that_is_not_utf8(tmp_path):
+    tok = tiny_tokenizer(tmp_path / "tok")
+    source = tmp_path / "latin1.txt"
+    source.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(SystemExit) as info:
+        prepare.main(["shakespeare", "--input", str(source), "--out-dir", str(tmp_path / "out"),
+                      "--workers", "1", "--tokenizer-dir", str(tok)])
+    assert str(source) in str(info.value.code) and "not UTF-8" in str(info.value.code)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_ids_outside_the_vocabulary_name_the_shard(tmp_path, shuffle):
+    good, bad = tmp_path / "a_train_000000.npy", tmp_path / "a_train_000001.npy"
+    np.save(good, np.arange(100, dtype=np.uint16))
+    np.save(bad, np.array([EOT, 5, 60000, 7] * 10, dtype=np.uint16))
+    loader = TokenLoader([good, bad], batch_size=2, seq_len=8, shuffle=shuffle, vocab_size=50304)
+    with pytest.raises(ValueError, match=r"a_train_000001\.npy: token id 60000 is outside"):
+        for _ in range(20):
+            loader.next_batch()
+    fine = TokenLoader([good], batch_size=2, seq_len=8, shuffle=shuffle, vocab_size=100)
+    assert fine.next_batch()[0].max() < 100

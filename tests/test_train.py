@@ -1,8 +1,11 @@
 """train.py: loss falls, kernels track the reference, resume is exact, torchrun matches one
 process, shard data, NaN stop, bad flags, the plot. Tiny model, few steps, short sequences."""
+import errno
+import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,16 +14,27 @@ import numpy as np
 import pytest
 import torch
 
-import train
 from tritongpt.kernels._utils import interpreting
-from tritongpt.trainer import checkpoint, logs, options
+from tritongpt.trainer import checkpoint, kernel_check, logs, options
 from tritongpt.trainer.data import demo_corpus
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _load_train():
+    """train.py, the script at the repository root (conftest takes the root off sys.path)."""
+    spec = importlib.util.spec_from_file_location("train", REPO / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train = _load_train()
 SHARED = REPO.parent / "shared" / "data"
 # Numbers a run computes; timings (ms, tokens_per_s, mfu) differ from run to run.
 COMPUTED = ("step", "loss", "lr", "grad_norm", "val_loss")
-SMALL = ["--preset", "tiny", "--device", "cpu", "--batch-size", "4", "--seq-len", "16", "--samples", "0", "--kernels", "none"]
+SMALL = ["--preset", "tiny", "--device", "cpu", "--batch-size", "4", "--seq-len", "16", "--samples", "0", "--kernels", "none",
+         "--no-kernel-check", "--time-budget", "0"]
 
 
 @pytest.fixture(autouse=True)
@@ -71,6 +85,7 @@ def test_demo_loss_falls_and_samples(tmp_path, capsys):
     assert (tmp_path / "loss.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not interpreting(), reason="runs the kernels on CPU in Triton's interpreter; on a GPU "
                     "machine tests/test_model.py checks them on CUDA")
 def test_kernels_track_reference(tmp_path):
@@ -94,7 +109,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     flags = ["--max-steps", 8, "--warmup-steps", 2, "--eval-every", 4, "--ckpt-every", 3]
     whole = run(tmp_path / "whole", *flags)
 
-    real_step, calls = train.train_step, []
+    real_step, calls = train.forward_backward, []
 
     def crash_at_step_5(*a, **k):
         calls.append(1)
@@ -102,29 +117,64 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated crash")
         return real_step(*a, **k)
 
-    monkeypatch.setattr(train, "train_step", crash_at_step_5)
+    monkeypatch.setattr(train, "forward_backward", crash_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut", *flags)
     assert checkpoint.load(tmp_path / "cut" / "ckpt.pt")["step"] == 3
     assert len(losses(logs.read_log(tmp_path / "cut" / "log.jsonl"))) == 4  # step 4 logged, not saved
-    monkeypatch.setattr(train, "train_step", real_step)
+    monkeypatch.setattr(train, "forward_backward", real_step)
     resumed = run(tmp_path / "cut", *flags, "--resume", "auto")
     assert computed(resumed) == computed(whole)  # bitwise equal floats, steps 4..8 recomputed
 
 
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+def test_checkpoint_write_failure_keeps_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     checkpoint.save(path, {"step": 1})
 
-    def crash_mid_write(obj, f):
+    def disk_full_mid_write(obj, f):
         f.write(b"half a checkpoint")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(torch, "save", crash_mid_write)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(torch, "save", disk_full_mid_write)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot write checkpoint .*ckpt.pt: No space left on "
+                       "device; the previous checkpoint .* is kept"):
         checkpoint.save(path, {"step": 2})
-    assert checkpoint.load(path) == {"step": 1}
+    assert checkpoint.load(path)["step"] == 1
     assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_stale_temporaries_are_cleaned(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid no live process has: a writer killed mid-write
+    (tmp_path / f"ckpt.pt.tmp{dead.pid}").write_bytes(b"x" * 1000)
+    checkpoint.save(path, {"step": 1})
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def flip_middle(path):
+    raw = bytearray(path.read_bytes())
+    mid = len(raw) // 2
+    raw[mid:mid + 64] = bytes(b ^ 0xFF for b in raw[mid:mid + 64])
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (flip_middle, "checksum mismatch|unreadable"),
+    (lambda p: p.write_bytes(p.read_bytes()[:len(p.read_bytes()) // 2]), "unreadable"),
+    (lambda p: p.write_bytes(b""), "empty file"),
+    (lambda p: torch.save({"weights": torch.ones(3)}, p), "not a tritongpt checkpoint"),
+    (lambda p: p.write_text("hello"), "unreadable"),
+])
+def test_damaged_checkpoint_is_refused_in_one_line(tmp_path, damage, reason):
+    run(tmp_path, "--max-steps", 2)
+    ckpt = tmp_path / "ckpt.pt"
+    damage(ckpt)
+    with pytest.raises(SystemExit) as info:
+        run(tmp_path, "--max-steps", 4, "--resume", ckpt)
+    message = str(info.value.code)
+    assert message.startswith(f"train.py: {ckpt}: ") and "\n" not in message, message
+    assert re.search(reason, message), message
 
 
 def test_rng_states_round_trip():
@@ -136,19 +186,21 @@ def test_rng_states_round_trip():
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    real_step = train.train_step
+    real_step = train.forward_backward
 
     def nan_from_step_5(model, optimizer, loader, args, lr, device, procs):
         loss, norm = real_step(model, optimizer, loader, args, lr, device, procs)
         return (loss * math.nan if len(losses(logs.read_log(tmp_path / "log.jsonl"))) >= 4 else loss), norm
 
-    monkeypatch.setattr(train, "train_step", nan_from_step_5)
+    monkeypatch.setattr(train, "forward_backward", nan_from_step_5)
     with pytest.raises(SystemExit) as info:
         run(tmp_path, "--max-steps", 8, "--ckpt-every", 2, "--eval-every", 8)
     assert info.value.code not in (0, None)
     assert "loss nan" in str(info.value.code) and str(tmp_path / "ckpt.pt") in str(info.value.code)
     ckpt = checkpoint.load(tmp_path / "ckpt.pt")
-    assert ckpt["step"] == 4
+    # The weights after step 4 gave the NaN, so the checkpoint of step 4 was never written: a
+    # checkpoint is saved only once the next step's loss proves its weights finite.
+    assert ckpt["step"] == 2
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
@@ -161,6 +213,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, ca
     (["--data", "/no/such/dir"], "nor a directory"),
     (["--resume", "/no/such/ckpt.pt"], "no such checkpoint"),
     (["--hellaswag", "on"], "needs the GPT-2 tokenizer"),
+    (["--seq-len", "1000000"], "--seq-len 1000000 is too long"),
 ])
 def test_bad_flags_exit_with_message(flags, message, capsys):
     with pytest.raises(SystemExit) as info:
@@ -235,6 +288,7 @@ def gloo_available():
     return dist.is_available() and dist.is_gloo_available()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not gloo_available(), reason="torch.distributed with gloo is not available")
 def test_torchrun_two_processes_match_one(tmp_path):
     # One process with batch 4 equals two ranks with batch 2 each (the loader's contract), both
@@ -280,3 +334,122 @@ def test_mfu_inputs():
     line = logs.format_step({"step": 1, "loss": 1.0, "lr": 1e-3, "grad_norm": 0.5, "ms": 10.0,
                              "tokens_per_s": 100.0, "mfu": None})
     assert line.endswith("mfu -")
+
+
+def test_exploding_lr_stops_before_the_update_and_its_checkpoint_resumes(tmp_path):
+    run(tmp_path, "--max-steps", 2)
+    with pytest.raises(SystemExit) as info:  # the update of step 3 blows the weights up
+        run(tmp_path, "--max-steps", 10, "--resume", "auto", "--lr", "1e6", "--ckpt-every", 1)
+    assert "stopping before the optimizer step" in str(info.value.code)
+    assert str(tmp_path / "ckpt.pt") in str(info.value.code)
+    ckpt = checkpoint.load(tmp_path / "ckpt.pt")
+    assert max(t.abs().max().item() for t in ckpt["model"].values()) < 100
+    records = run(tmp_path, "--max-steps", ckpt["step"] + 3, "--resume", "auto", "--lr", "1e-3")
+    after = [r["loss"] for r in records if "loss" in r and r["step"] > ckpt["step"]]
+    assert len(after) == 3 and all(math.isfinite(x) and x < 10 for x in after), after
+
+
+def test_resume_from_a_path_alone_takes_the_options_from_the_checkpoint(tmp_path, capsys):
+    run(tmp_path, "--max-steps", 3, "--seq-len", 8, "--batch-size", 3)
+    train.main(["--resume", str(tmp_path / "ckpt.pt"), "--max-steps", "5"])
+    records = logs.read_log(tmp_path / "log.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
+    assert records[-2]["tokens_per_s"] > 0 and "3 x 8 x 1" in capsys.readouterr().out
+    train.main(["--resume", str(tmp_path / "ckpt.pt")])  # all 5 steps done
+    assert "this run is finished (5 of --max-steps 5 steps done)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, option", [
+    (["--seq-len", "32"], "--seq-len 32"),
+    (["--preset", "demo"], "--preset demo"),
+    (["--seed", "1"], "--seed 1"),
+    (["--data", "shakespeare"], "--data shakespeare"),
+])
+def test_resume_refuses_options_that_cannot_change(tmp_path, flags, option):
+    run(tmp_path, "--max-steps", 2)
+    with pytest.raises(SystemExit) as info:
+        train.main(["--resume", str(tmp_path / "ckpt.pt"), "--max-steps", "4"] + flags)
+    assert str(info.value.code).startswith(f"train.py: {option} differs from "), info.value.code
+
+
+def test_new_run_does_not_replace_an_old_log_unless_asked(tmp_path):
+    run(tmp_path, "--max-steps", 2)
+    before = (tmp_path / "log.jsonl").read_text()
+    with pytest.raises(SystemExit) as info:
+        run(tmp_path, "--max-steps", 3)
+    assert "--overwrite" in str(info.value.code) and str(tmp_path / "log.jsonl") in str(info.value.code)
+    assert (tmp_path / "log.jsonl").read_text() == before
+    assert len(losses(run(tmp_path, "--max-steps", 3, "--overwrite"))) == 3
+
+
+def test_resume_drops_a_half_written_log_line(tmp_path):
+    run(tmp_path, "--max-steps", 2)
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # killed mid-write
+    assert [r["step"] for r in run(tmp_path, "--max-steps", 3, "--resume", "auto") if "loss" in r] == [1, 2, 3]
+    (tmp_path / "log.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="log.jsonl, line 2: not a JSON record"):
+        logs.read_log(tmp_path / "log.jsonl")
+
+
+def test_time_budget_stops_early_with_a_checkpoint(tmp_path, capsys):
+    records = run(tmp_path, "--max-steps", 50, "--time-budget", "1e-6")
+    assert [r["step"] for r in records if "loss" in r] == [1] and "val_loss" in records[-1]
+    assert checkpoint.load(tmp_path / "ckpt.pt")["step"] == 1
+    assert "--time-budget of 0 s is spent after step 1 of 50" in capsys.readouterr().out
+
+
+def test_demo_defaults_fit_the_time_budget():
+    args = options.parse_args([])
+    assert args.time_budget and args.time_budget <= 240 and args.kernel_check
+    assert args.preset == "demo" and args.warmup_steps < args.max_steps // 5
+
+
+def test_warmup_defaults_to_a_fraction_of_short_runs():
+    assert options.parse_args(["--data", "shakespeare", "--max-steps", "20"]).warmup_steps == 2
+    assert options.parse_args(["--data", "shakespeare"]).warmup_steps == 715
+    assert options.parse_args(["--data", "shakespeare", "--max-steps", "20", "--warmup-steps", "5"]).warmup_steps == 5
+
+
+def test_tokenizer_dir_reaches_the_tokenizer(monkeypatch, tmp_path):
+    from tritongpt.data import tokenizer
+    from tritongpt.trainer import data
+    seen = []
+    monkeypatch.setattr(tokenizer, "gpt2_encoding", lambda local_dir=None: seen.append(local_dir))
+    data.codec(options.parse_args(["--data", "shakespeare", "--tokenizer-dir", str(tmp_path)]))
+    assert seen == [str(tmp_path)]
+
+
+def test_process_group_times_out_in_minutes(monkeypatch):
+    import torch.distributed as dist
+    from tritongpt.trainer import distributed
+    seen = {}
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.update(kw))
+    distributed.join(distributed.Processes(0, 0, 2), torch.device("cpu"), options.parse_args([]).pg_timeout)
+    assert 60 <= seen["timeout"].total_seconds() <= 600
+
+
+def test_shard_ids_outside_the_vocabulary_name_the_shard(tmp_path):
+    shards = write_shards(tmp_path / "shards", np.full(2000, 60000, dtype=np.uint16))
+    with pytest.raises(SystemExit) as info:
+        run(tmp_path / "out", "--data", shards, "--max-steps", 1, "--hellaswag", "off")
+    assert "tiny_train_00000" in str(info.value.code) and "outside the model's vocabulary" in str(info.value.code)
+
+
+def test_sample_from_a_checkpoint(tmp_path, capsys):
+    from tritongpt import sample
+    run(tmp_path, "--max-steps", 2)
+    texts = sample.main([str(tmp_path / "ckpt.pt"), "--tokens", "12", "--num-samples", "2", "--prompt", "Re",
+                          "--kernels", "none"])
+    assert len(texts) == 2 and all(t.startswith("Re") for t in texts)
+    (tmp_path / "bad.pt").write_bytes(b"junk")
+    with pytest.raises(SystemExit) as info:
+        sample.main([str(tmp_path / "bad.pt")])
+    assert str(tmp_path / "bad.pt") in str(info.value.code)
+
+
+@pytest.mark.slow
+def test_kernel_check_runs_the_kernels_against_the_reference():
+    ok, lines = kernel_check.run_in_subprocess(torch.device("cpu"))
+    assert ok, lines
+    assert len(lines) == 4 and all(line.endswith("ok") for line in lines), lines

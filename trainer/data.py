@@ -54,11 +54,18 @@ def shard_dir(data):
     return prepare.default_out_dir(data) if data in prepare.DATASETS else data
 
 
+def vocab_size(args):
+    """The model's vocabulary for --data: bytes for the demo, GPT-2's (padded) otherwise."""
+    return DEMO_VOCAB if args.data == "demo" else GPT2_VOCAB
+
+
 def loader(args, split, procs):
     """A TokenLoader over the split ("train": shuffled per epoch, or "val": in order) for this
-    process's rank. FileNotFoundError (with a message) when the shards are missing."""
+    process's rank. FileNotFoundError (with a message) when the shards are missing; a shard
+    holding ids outside the model's vocabulary is refused, by name, when first read."""
     common = dict(batch_size=args.batch_size, seq_len=args.seq_len, rank=procs.rank,
-                  world_size=procs.world_size, seed=args.seed, shuffle=split == "train")
+                  world_size=procs.world_size, seed=args.seed, shuffle=split == "train",
+                  vocab_size=vocab_size(args))
     if args.data == "demo":
         train, val = demo_splits()
         return TokenLoader([train if split == "train" else val], **common)
@@ -80,4 +87,4 @@ def codec(args):
     if args.data == "demo":
         return ByteCodec()
     from tritongpt.data.tokenizer import gpt2_encoding
-    return gpt2_encoding()
+    return gpt2_encoding(getattr(args, "tokenizer_dir", None))

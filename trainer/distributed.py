@@ -4,6 +4,7 @@ torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is a single pro
 helper here is a no-op. Backend: nccl on CUDA, gloo on CPU.
 """
 import dataclasses
+import datetime
 import os
 
 import torch
@@ -51,11 +52,14 @@ def pick_device(requested, procs):
     return device
 
 
-def join(procs, device):
+def join(procs, device, timeout_s=300):
+    """Join the process group. A collective that waits more than timeout_s seconds for another
+    rank (stopped, stuck) fails instead of blocking for gloo's and nccl's default of 30 minutes."""
     if procs.distributed:
         if not dist.is_available():
             raise RuntimeError("torch.distributed is not available in this PyTorch build")
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def leave(procs):

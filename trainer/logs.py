@@ -30,11 +30,15 @@ def format_step(record):
 
 class JsonLog:
     """Appends one JSON object a line; on resume drops the lines of steps after the checkpoint,
-    so the log reads as one uninterrupted run."""
+    so the log reads as one uninterrupted run. A new run (resume_step None) refuses to replace
+    another run's log (and checkpoint, old_checkpoint) unless overwrite is set; then it removes
+    that checkpoint too, so `--resume auto` never picks up the old run."""
 
-    def __init__(self, path, resume_step=None):
+    def __init__(self, path, resume_step=None, overwrite=False, old_checkpoint=None):
         self.path = path
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if resume_step is None:
+            _replace_old_run(path, old_checkpoint, overwrite)
         kept = [r for r in read_log(path) if r["step"] <= resume_step] if resume_step is not None else []
         with open(path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
@@ -44,11 +48,33 @@ class JsonLog:
             f.write(json.dumps(record) + "\n")
 
 
+def _replace_old_run(path, old_checkpoint, overwrite):
+    old = [p for p in (path, old_checkpoint) if p and os.path.isfile(p) and os.path.getsize(p)]
+    if not old:
+        return
+    if not overwrite:
+        raise ValueError(f"{' and '.join(old)} belong to an earlier run; pass --overwrite to replace them, "
+                         "--resume auto to continue that run, or another --out-dir")
+    for p in old:
+        os.remove(p)
+
+
 def read_log(path):
+    """The records of a log.jsonl. A half-written last line (a run killed mid-write) is dropped;
+    a bad line elsewhere is a ValueError naming the file and line."""
     if not os.path.isfile(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                break  # cut off mid-write
+            raise ValueError(f"{path}, line {n}: not a JSON record ({err.msg})") from None
+    return records
 
 
 def plot_log(path, png=None):

@@ -1,8 +1,9 @@
-"""Command-line options of train.py, their per-mode defaults and their checks.
+"""Command-line options of train.py, their per-mode defaults, their checks, and what a resumed
+run takes from its checkpoint.
 
-Two modes: the offline demo (`--data demo`, bytes as tokens, the tiny preset, small batches) and
-GPT-2-tokenizer runs on token shards (the build-nanogpt recipe: 524288 tokens a step, 6e-4 peak
-learning rate, 715 warmup steps, 19073 steps = one pass over 10B FineWeb-Edu tokens).
+Two modes: the offline demo (`--data demo`, bytes as tokens, the "demo" model, a wall-clock
+budget) and GPT-2-tokenizer runs on token shards (the build-nanogpt recipe: 524288 tokens a step,
+6e-4 peak learning rate, 715 warmup steps, 19073 steps = one pass over 10B FineWeb-Edu tokens).
 """
 import argparse
 import os
@@ -11,14 +12,26 @@ from tritongpt.data import prepare
 from tritongpt.model.gpt import PRESETS
 
 DATASETS = ("demo",) + prepare.DATASETS
+# The demo's model: the "tiny" preset made wider and deeper (0.8M parameters), the size that two
+# CPU cores train to recognisable words of the corpus within the demo's few minutes.
+DEMO_MODEL = ("tiny", dict(n_layer=4, n_head=4, n_embd=128))
+MODEL_PRESETS = ("demo",) + tuple(PRESETS)
+MAX_SEQ_LEN = 16384  # position embeddings and attention grow with it; beyond this, a typo
 
-# Defaults left as None by argparse are filled from the mode's table.
-DEMO_DEFAULTS = dict(preset="tiny", batch_size=32, seq_len=128, total_batch=None, max_steps=1000,
-                     lr=3e-3, warmup_steps=100, eval_every=200, eval_batches=10, ckpt_every=500,
-                     log_every=100)
+# Defaults left as None by argparse are filled from the mode's table. Warmup is the table's
+# value or a tenth of --max-steps, whichever is smaller (a short run must leave warmup).
+DEMO_DEFAULTS = dict(preset="demo", batch_size=32, seq_len=128, total_batch=None, max_steps=300,
+                     lr=3e-3, warmup_steps=100, eval_every=100, eval_batches=10, ckpt_every=100,
+                     log_every=50, time_budget=200.0, kernel_check=True)
 GPT2_DEFAULTS = dict(preset="gpt2", batch_size=64, seq_len=1024, total_batch=524288, max_steps=19073,
                      lr=6e-4, warmup_steps=715, eval_every=250, eval_batches=20, ckpt_every=1000,
-                     log_every=1)
+                     log_every=1, time_budget=0.0, kernel_check=False)
+# Options a resumed run may change: the length, cadence and schedule (a lower --lr after a
+# non-finite loss) and where it runs; every other option changes what the checkpoint means, so it
+# is taken from the checkpoint, and asking for another value is refused.
+RESUMABLE_CHANGES = ("resume", "out_dir", "device", "compile", "kernels", "log_every", "plot", "samples",
+                     "hellaswag", "max_steps", "lr", "warmup_steps", "eval_every", "eval_batches", "ckpt_every", "time_budget",
+                     "overwrite", "tokenizer_dir", "pg_timeout", "kernel_check")
 
 
 def build_parser(description):
@@ -26,7 +39,7 @@ def build_parser(description):
     add = p.add_argument
     add("--data", default="demo", help="demo (default, offline, bytes), shakespeare, fineweb-edu "
         "(shards under data/<name>/, made by `python -m tritongpt.data.prepare <name>`) or a directory of shards")
-    add("--preset", help=f"model preset: {', '.join(PRESETS)} (default: tiny for the demo, gpt2 otherwise)")
+    add("--preset", help=f"model preset: {', '.join(MODEL_PRESETS)} (default: demo for the demo, gpt2 otherwise)")
     add("--kernels", default="auto", help='"auto" (default), "all", "none" or a comma list of '
         "layer_norm,attention,mlp,cross_entropy")
     add("--batch-size", type=int, help="sequences per micro-step per process")
@@ -35,8 +48,11 @@ def build_parser(description):
         "batch-size * seq-len * processes, reached by gradient accumulation (default: no accumulation "
         "for the demo, 524288 otherwise)")
     add("--max-steps", type=int, help="optimizer steps")
+    add("--time-budget", type=float, help="seconds of training after which the run stops early, "
+        "evaluates and checkpoints (0: none; default 200 for the demo, none otherwise)")
     add("--lr", type=float, help="peak learning rate (cosine decay to a tenth of it)")
-    add("--warmup-steps", type=int, help="linear warmup steps")
+    add("--warmup-steps", type=int, help="linear warmup steps (default: 100 for the demo, 715 "
+        "otherwise, or a tenth of --max-steps if that is fewer)")
     add("--weight-decay", type=float, default=0.1, help="AdamW weight decay on 2-D parameters (default 0.1)")
     add("--eval-every", type=int, help="validation loss (and HellaSwag) every this many steps, and at the end")
     add("--eval-batches", type=int, help="validation micro-batches per evaluation")
@@ -47,23 +63,42 @@ def build_parser(description):
     add("--log-every", type=int, help="console line every this many steps (log.jsonl gets every step)")
     add("--ckpt-every", type=int, help="checkpoint every this many steps (and always at the end)")
     add("--out-dir", default="out", help="log.jsonl, loss.png and ckpt.pt go here (default: out)")
-    add("--resume", help='a checkpoint to continue from, or "auto" for <out-dir>/ckpt.pt when it exists')
+    add("--overwrite", action="store_true", help="start a new run in an --out-dir that holds another "
+        "run's log and checkpoint, replacing them")
+    add("--resume", help='a checkpoint to continue from (its options are restored), or "auto" for '
+        "<out-dir>/ckpt.pt when it exists")
+    add("--tokenizer-dir", help="a folder with GPT-2's encoder.json and vocab.bpe (offline tokenizer)")
+    add("--kernel-check", action=argparse.BooleanOptionalAction, help="before training, check the Triton "
+        "kernels against the reference at tiny shapes, in a subprocess (in Triton's interpreter on a CPU); "
+        "default: on for the demo")
     add("--compile", action="store_true", help="torch.compile the model")
     add("--device", help="cpu, cuda or cuda:N (default: cuda when available; torchrun uses cuda:LOCAL_RANK)")
+    add("--pg-timeout", type=float, default=300.0, help="seconds a process waits for the others under "
+        "torchrun before the run ends with an error (default 300)")
     add("--seed", type=int, default=1337)
     add("--plot", metavar="LOG_JSONL", help="only draw <log>.png from a log.jsonl and exit")
     return p
 
 
+def given_flags(parser, argv):
+    """The destinations of the options argv names explicitly (not left to their defaults)."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
 def parse_args(argv, description="", world_size=1):
-    """Parse and check argv; exits with status 2 and a message on a bad value."""
+    """Parse and check argv; exits with status 2 and a message on a bad value. args.given is the
+    set of options argv named explicitly (what a resumed run may be asked to change)."""
     p = build_parser(description)
     args = p.parse_args(argv)
+    args.given = given_flags(build_parser(description), argv)
     if args.plot:
         return args
     defaults = DEMO_DEFAULTS if args.data == "demo" else GPT2_DEFAULTS
     for key, value in defaults.items():
         if getattr(args, key) is None:
+            value = min(value, max(1, args.max_steps // 10)) if key == "warmup_steps" else value
             setattr(args, key, value)
     if args.total_batch is None:
         args.total_batch = args.batch_size * args.seq_len * world_size
@@ -87,8 +122,12 @@ def check(args, world_size):
         return f"--lr must be a positive number, got {args.lr}"
     if not 0 <= args.weight_decay < float("inf"):
         return f"--weight-decay must be non-negative, got {args.weight_decay}"
-    if args.preset not in PRESETS:
-        return f"--preset {args.preset!r} is not one of {', '.join(PRESETS)}"
+    if not 0 <= args.time_budget < float("inf") or not 0 < args.pg_timeout < float("inf"):
+        return "--time-budget must be non-negative and --pg-timeout positive"
+    if args.seq_len > MAX_SEQ_LEN:
+        return f"--seq-len {args.seq_len} is too long: at most {MAX_SEQ_LEN}"
+    if args.preset not in MODEL_PRESETS:
+        return f"--preset {args.preset!r} is not one of {', '.join(MODEL_PRESETS)}"
     per_micro = args.batch_size * args.seq_len * world_size
     if args.total_batch % per_micro:
         return (f"--total-batch {args.total_batch} must be a multiple of batch-size * seq-len * processes"
@@ -100,3 +139,24 @@ def check(args, world_size):
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
         return f"--resume {args.resume!r}: no such checkpoint file"
     return None
+
+
+def model_preset(name):
+    """(GPT preset, field overrides) of a --preset name."""
+    return DEMO_MODEL if name == "demo" else (name, {})
+
+
+def resumed(args, saved, path):
+    """The options of a run resumed from the checkpoint at path, whose options were `saved`:
+    the saved ones, with the flags given now where they may change (RESUMABLE_CHANGES).
+    ValueError naming the option for any other flag asking for a different value."""
+    for key in sorted(args.given - set(RESUMABLE_CHANGES)):
+        if key in saved and saved[key] != getattr(args, key):
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"{flag} {getattr(args, key)} differs from {saved[key]} in {path}: it cannot "
+                             f"change on resume (start a new run in another --out-dir instead)")
+    merged = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k not in RESUMABLE_CHANGES}})
+    for key in RESUMABLE_CHANGES:  # not given now: the checkpoint's value where it has one
+        if key not in args.given and key in saved and key not in ("resume", "out_dir", "overwrite"):
+            setattr(merged, key, saved[key])
+    return merged
