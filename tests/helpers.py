@@ -5,6 +5,8 @@ must be at most 2x the error of PyTorch's own op run in the kernel's dtype, plus
 about one unit in the last place of the output's dtype at the oracle's largest magnitude. Both the
 max-abs error and the relative RMS error must pass; failures print both for kernel and PyTorch.
 """
+import math
+
 import torch
 
 
@@ -118,3 +120,37 @@ def spy(monkeypatch, name, fn=None, calls=None):
 
     monkeypatch.setattr(kernels, name, wrapper, raising=False)
     return calls
+
+
+# Layouts torch can give a tensor argument: each builds a leaf `base` and a view of it with the
+# wanted shape, so a test can request gradients (on the base) while the op sees the strided view.
+LAYOUTS = ("contiguous", "offset", "slice", "transpose", "expand")
+
+
+def _base_shape(kind, shape):
+    shape = tuple(shape)
+    if kind == "offset":
+        return (math.prod(shape) + 3,)
+    if kind == "slice":
+        return shape[:-1] + (2 * shape[-1],)
+    if kind == "transpose" and len(shape) >= 2:
+        return shape[:-2] + (shape[-1], shape[-2])
+    if kind == "expand":
+        return (1,) + shape[1:]
+    return shape
+
+
+def viewer(kind, shape):
+    """(base_shape, fn): fn(base) is a view of shape `shape` in layout `kind` over a tensor of
+    base_shape: "offset" starts 3 elements into a larger storage, "slice" takes every other element
+    of the last dimension, "transpose" swaps the last two (a 1-D tensor stays as it is), "expand"
+    repeats one row with stride 0 along the first dimension."""
+    shape = tuple(shape)
+    fns = {
+        "contiguous": lambda b: b,
+        "offset": lambda b: b[3:].view(shape),
+        "slice": lambda b: b[..., ::2],
+        "transpose": lambda b: b.transpose(-1, -2) if len(shape) >= 2 else b,
+        "expand": lambda b: b.expand(shape),
+    }
+    return _base_shape(kind, shape), fns[kind]
