@@ -154,3 +154,39 @@ def viewer(kind, shape):
         "expand": lambda b: b.expand(shape),
     }
     return _base_shape(kind, shape), fns[kind]
+
+
+def _run_views(fn, args, dtype, dy, grads, kwargs):
+    """fn(*views) and its backward with dy; args are (base, view_fn) pairs (base None: the
+    argument is None) or plain values. Float bases become leaves of `dtype` (requiring grad where
+    `grads` says so); returns [out] + the bases' gradients (None where none was asked)."""
+    leaves, call = [], []
+    for arg, want_grad in zip(args, grads):
+        if not isinstance(arg, tuple):
+            leaves.append(None)
+            call.append(arg)
+            continue
+        base, view = arg
+        if base is not None and base.is_floating_point():
+            base = leaf(base.to(dtype), want_grad)
+        leaves.append(base if want_grad else None)
+        call.append(None if base is None else view(base))
+    out = fn(*call, **kwargs)
+    if out.requires_grad:
+        out.backward(dy.to(out.dtype))
+    return [out] + [None if t is None else t.grad for t in leaves]
+
+
+def assert_differential(kernel, reference, args, dtype, dy, grads, names, **kwargs):
+    """The 2x rule for the output and every requested gradient of kernel(*views), against
+    reference in float64 (the oracle) and reference in `dtype` (PyTorch's own error).
+    args: (base, view_fn) pairs, see viewer(), or plain values (targets, None); grads: one bool per
+    argument, whether its base requires grad. Gradients are compared on the bases."""
+    oracle = _run_views(reference, args, torch.float64, dy, grads, kwargs)
+    baseline = _run_views(reference, args, dtype, dy, grads, kwargs)
+    actual = _run_views(kernel, args, dtype, dy, grads, kwargs)
+    for name, a, t, o in zip(names, actual, baseline, oracle):
+        if o is not None:
+            assert a is not None, f"{name}: no gradient where the reference has one"
+            assert_close_2x(a, t, o, name)
+    return actual
