@@ -156,10 +156,18 @@ def viewer(kind, shape):
     return _base_shape(kind, shape), fns[kind]
 
 
-def _run_views(fn, args, dtype, dy, grads, kwargs):
+def _same(a, b):
+    """Bitwise equality that counts nan as equal to nan."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)) \
+        and torch.equal(torch.isnan(a), torch.isnan(b))
+
+
+def _run_views(fn, args, dtype, dy, grads, kwargs, strict=False):
     """fn(*views) and its backward with dy; args are (base, view_fn) pairs (base None: the
     argument is None) or plain values. Float bases become leaves of `dtype` (requiring grad where
-    `grads` says so); returns [out] + the bases' gradients (None where none was asked)."""
+    `grads` says so); returns [out] + the bases' gradients (None where none was asked).
+    strict: also assert that no input (base or plain tensor) is modified and that a second
+    backward pass over the same graph gives bitwise the same gradients."""
     leaves, call = [], []
     for arg, want_grad in zip(args, grads):
         if not isinstance(arg, tuple):
@@ -171,20 +179,35 @@ def _run_views(fn, args, dtype, dy, grads, kwargs):
             base = leaf(base.to(dtype), want_grad)
         leaves.append(base if want_grad else None)
         call.append(None if base is None else view(base))
+    inputs = [t for t in call if isinstance(t, torch.Tensor)]
+    before = [t.detach().clone() for t in inputs] if strict else []
     out = fn(*call, **kwargs)
+    dy = dy(out) if callable(dy) else dy
+    wanted = [t for t in leaves if t is not None]
     if out.requires_grad:
+        out.backward(dy.to(out.dtype), retain_graph=strict)
+    got = [out] + [None if t is None else t.grad for t in leaves]
+    if strict and out.requires_grad:
+        first = [t.grad.clone() for t in wanted]
+        for t in wanted:
+            t.grad = None
         out.backward(dy.to(out.dtype))
-    return [out] + [None if t is None else t.grad for t in leaves]
+        for i, (a, b) in enumerate(zip(first, [t.grad for t in wanted])):
+            assert _same(a, b), f"gradient {i}: a second backward pass is not bitwise equal to the first"
+    for i, (a, b) in enumerate(zip(inputs, before)):
+        assert _same(a.detach(), b), f"input {i} was modified by the op"
+    return got
 
 
-def assert_differential(kernel, reference, args, dtype, dy, grads, names, **kwargs):
+def assert_differential(kernel, reference, args, dtype, dy, grads, names, strict=False, **kwargs):
     """The 2x rule for the output and every requested gradient of kernel(*views), against
     reference in float64 (the oracle) and reference in `dtype` (PyTorch's own error).
     args: (base, view_fn) pairs, see viewer(), or plain values (targets, None); grads: one bool per
-    argument, whether its base requires grad. Gradients are compared on the bases."""
+    argument, whether its base requires grad; dy: the output gradient, or a function of the
+    output giving it. Gradients are compared on the bases. strict: see _run_views."""
     oracle = _run_views(reference, args, torch.float64, dy, grads, kwargs)
     baseline = _run_views(reference, args, dtype, dy, grads, kwargs)
-    actual = _run_views(kernel, args, dtype, dy, grads, kwargs)
+    actual = _run_views(kernel, args, dtype, dy, grads, kwargs, strict=strict)
     for name, a, t, o in zip(names, actual, baseline, oracle):
         if o is not None:
             assert a is not None, f"{name}: no gradient where the reference has one"
