@@ -24,7 +24,7 @@ setup(
         # .ci/run tests the oldest release named here and the newest one available.
         "hf": [TRANSFORMERS],
         # Hugging Face's own `kernels` package is installed in tests to show both import side by side.
-        "test": ["pytest", "pytest-benchmark", "matplotlib", TRANSFORMERS, "kernels"],
+        "test": ["pytest", "pytest-benchmark", "matplotlib", TRANSFORMERS, "kernels", "hypothesis"],
         "bench": ["matplotlib", "pytest-benchmark"],
     },
 )

@@ -1,7 +1,9 @@
 """Small helpers shared by the kernel files: where Triton can run, input checks, dtype policy."""
 import functools
+import numbers
 import os
 
+import numpy as np
 import torch
 import triton.language as tl
 
@@ -86,3 +88,18 @@ def or_empty(t, like, dtype):
     """t, or an empty tensor of `dtype` on like's device where t is None: a torch.library custom op
     cannot return None, so an output that was not computed travels as an empty tensor."""
     return t if t is not None else like.new_empty(0, dtype=dtype)
+
+
+def real_number(name, value):
+    """value as a Python float, or TypeError naming `name`. Accepts what torch.nn.functional
+    accepts: Python and NumPy numbers (np.float32(1e-5) included), never bools."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def integer(name, value):
+    """value as a Python int, or TypeError naming `name` (Python and NumPy integers, not bools)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    return int(value)

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype, acc_torch_dtype, check_device, check_tensor, interpreting
+from ._utils import acc_dtype, acc_torch_dtype, check_device, check_tensor, interpreting, real_number
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HEAD_DIMS = (16, 32, 64, 128)
@@ -538,11 +538,10 @@ def _check_inputs(q, k, v, causal, sm_scale):
                          "in a grid's second dimension; split the batch")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
-    if sm_scale is not None and (isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float))
-                                 or not math.isfinite(sm_scale)):
+    if sm_scale is not None and not math.isfinite(real_number("sm_scale", sm_scale)):
         raise TypeError(f"sm_scale must be a finite number or None, got {sm_scale!r}")
     check_device({"q": q, "k": k, "v": v})
-    return 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
+    return 1.0 / math.sqrt(D) if sm_scale is None else real_number("sm_scale", sm_scale)
 
 
 def flash_attention(q, k, v, causal=True, sm_scale=None):

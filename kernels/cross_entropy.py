@@ -43,7 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype, acc_torch_dtype, check_device, check_tensor, needs_grad, or_empty
+from ._utils import acc_dtype, acc_torch_dtype, check_device, check_tensor, integer, needs_grad, or_empty, \
+    real_number
 
 # Largest (rows x V) logits chunk linear_cross_entropy materialises, in bytes of x's dtype.
 CHUNK_BYTES = 256 * 2**20
@@ -83,11 +84,12 @@ def _target_state(T, row, stride_t, V, ignore_index):
 def _cross_entropy_fwd_kernel(
     X, T, Loss, Stats, G, Scale,
     stride_xm, stride_xv, stride_t, stride_gm, stride_gv, stride_s,
-    V, ignore_index, smoothing,
+    V, ignore_index, smoothing: "fp64",
     STORE_STATS: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # row * stride can pass 2**31
+    smoothing = tl.full([], smoothing, ACC)  # passed as fp64: an fp32 argument would round it
     X += row * stride_xm
     target, valid, bad = _target_state(T, row, stride_t, V, ignore_index)
     m = tl.full([], float("-inf"), ACC)
@@ -122,10 +124,11 @@ def _cross_entropy_fwd_kernel(
 def _cross_entropy_bwd_kernel(
     X, T, Stats, G, Scale,
     stride_xm, stride_xv, stride_t, stride_gm, stride_gv, stride_s,
-    V, ignore_index, smoothing,
+    V, ignore_index, smoothing: "fp64",
     ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    smoothing = tl.full([], smoothing, ACC)
     target, valid, bad = _target_state(T, row, stride_t, V, ignore_index)
     m = tl.load(Stats + 2 * row)
     log_s = tl.load(Stats + 2 * row + 1)
@@ -143,16 +146,17 @@ def _block_v(V):
 # ---------------------------------------------------------------- input checks
 
 def _check_options(targets, N, ignore_index, reduction, label_smoothing):
+    """Returns (ignore_index, label_smoothing) as a Python int and float (NumPy scalars are
+    accepted, as by F.cross_entropy)."""
     check_tensor("targets", targets, dtypes=(torch.int64,))
     if tuple(targets.shape) != (N,):
         raise ValueError(f"targets must have shape ({N},), one per row, got {tuple(targets.shape)}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    ignore_index = integer("ignore_index", ignore_index)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float))
-            or not 0.0 <= label_smoothing <= 1.0):
+    if not 0.0 <= real_number("label_smoothing", label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    return ignore_index, float(label_smoothing)
 
 
 def _check_target_range(targets, V, ignore_index):
@@ -172,8 +176,9 @@ def _check_ce_inputs(logits, targets, ignore_index, reduction, label_smoothing):
     check_tensor("logits", logits)
     if logits.dim() != 2 or logits.shape[1] == 0:
         raise ValueError(f"logits must have shape (N, V) with V >= 1, got {tuple(logits.shape)}")
-    _check_options(targets, logits.shape[0], ignore_index, reduction, label_smoothing)
+    options = _check_options(targets, logits.shape[0], ignore_index, reduction, label_smoothing)
     check_device({"logits": logits, "targets": targets})
+    return options
 
 
 def _check_linear_inputs(x, weight, targets, bias, ignore_index, reduction, label_smoothing):
@@ -192,8 +197,9 @@ def _check_linear_inputs(x, weight, targets, bias, ignore_index, reduction, labe
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{name} must have x's dtype {x.dtype} (as F.linear requires), got {t.dtype}")
-    _check_options(targets, x.shape[0], ignore_index, reduction, label_smoothing)
+    options = _check_options(targets, x.shape[0], ignore_index, reduction, label_smoothing)
     check_device({"x": x, "weight": weight, "bias": bias, "targets": targets})
+    return options
 
 
 # ---------------------------------------------------------------- launchers
@@ -431,6 +437,10 @@ def _linear_ce_backward(ctx, dloss, *_unused):
         x, weight, bias, targets, stats = ctx.saved_tensors
         dx, dw, db = _linear_ce_bwd_op(dloss, x, weight, bias, targets, stats, *ctx.options, *ctx.need)
     else:
+        if torch.is_grad_enabled():  # create_graph=True: the saved gradients carry no graph
+            raise RuntimeError("linear_cross_entropy does not support double backward (create_graph=True): "
+                               "its gradients are computed in the forward, outside autograd; use "
+                               "tritongpt.kernels.reference.linear_cross_entropy for higher-order gradients")
         dx, dw, db = ctx.saved_tensors
         # out of place: the saved gradients stay valid for a second backward (retain_graph)
         dx, dw, db = dx * dloss.to(dx.dtype), dw * dloss, db * dloss
@@ -456,8 +466,8 @@ def cross_entropy(logits, targets, ignore_index=-100, reduction="mean", label_sm
     Differs from PyTorch: on CUDA a target outside [0, V) that is not ignore_index gives a nan
     loss instead of a device assert (CPU tensors raise ValueError, as PyTorch).
     """
-    _check_ce_inputs(logits, targets, ignore_index, reduction, label_smoothing)
-    loss = _cross_entropy_fwd_op(logits, targets, ignore_index, float(label_smoothing), needs_grad(logits))[0]
+    ignore_index, label_smoothing = _check_ce_inputs(logits, targets, ignore_index, reduction, label_smoothing)
+    loss = _cross_entropy_fwd_op(logits, targets, ignore_index, label_smoothing, needs_grad(logits))[0]
     return _reduce(loss, targets, ignore_index, reduction)
 
 
@@ -474,10 +484,11 @@ def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, reduc
     Under torch.autocast, x, weight and bias are cast to the autocast dtype first, as F.linear
     would cast them. A torch.library custom op (tritongpt::linear_cross_entropy_fwd/_bwd).
     """
-    _check_linear_inputs(x, weight, targets, bias, ignore_index, reduction, label_smoothing)
+    ignore_index, label_smoothing = _check_linear_inputs(x, weight, targets, bias, ignore_index, reduction,
+                                                         label_smoothing)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):  # what F.linear would do: the matmuls in the low dtype
         low = torch.get_autocast_dtype(device_type)
         x, weight, bias = (None if t is None else t.to(low) for t in (x, weight, bias))
     need = (needs_grad(x), needs_grad(weight), needs_grad(bias))
-    return _linear_ce_fwd_op(x, weight, bias, targets, ignore_index, reduction, float(label_smoothing), *need)[0]
+    return _linear_ce_fwd_op(x, weight, bias, targets, ignore_index, reduction, label_smoothing, *need)[0]

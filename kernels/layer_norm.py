@@ -1,8 +1,10 @@
 """Fused LayerNorm over the last dimension, forward and backward.
 
 Forward: each program normalises a tile of BLOCK_M rows held whole in registers (one read of x, one
-write of y): mean and variance in fp32, y = (x - mean) * rstd * w + b. mean and rstd are saved (fp32)
-only when a gradient will be needed.
+write of y): mean and variance in fp32, y = (x - mean) * rstd * w + b, the mean taken of the row
+shifted by its first element so that a constant row gives exactly the bias. mean and rstd are saved
+(fp32) only when a gradient will be needed. weight and bias are read through their strides (slices,
+stride-0 expands).
 Backward: a fixed grid of persistent programs walks contiguous chunks of rows, writes dx for each row
 and keeps its own fp32 partial sums of dw and db; one torch sum over the partials finishes them. No
 float atomics, so repeated backward passes are bitwise equal.
@@ -19,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._utils import (FLOAT_DTYPES, acc_dtype, acc_torch_dtype, check_device, check_tensor, needs_grad,
-                     num_programs_for, or_empty)
+                     num_programs_for, or_empty, real_number)
 
 MAX_C = 16384
 
@@ -27,7 +29,7 @@ MAX_C = 16384
 @triton.jit
 def _layer_norm_fwd_kernel(
     X, W, B, Y, Mean, Rstd,
-    stride_xm, stride_xc, stride_ym,
+    stride_xm, stride_xc, stride_ym, stride_w, stride_b,
     M, C, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, STORE_STATS: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -41,14 +43,20 @@ def _layer_norm_fwd_kernel(
 
     x = tl.load(X + rows64[:, None] * stride_xm + cols[None, :] * stride_xc, mask=mask, other=0.0)
     x = x.to(ACC)
-    mean = tl.sum(x, axis=1) / C
-    xc = tl.where(mask, x - mean[:, None], 0.0)
+    # The mean of the row shifted by its first element x0: a constant row gives d = 0 and xc = 0
+    # exactly, so y is exactly the bias (as PyTorch). Without the shift, mean's rounding error
+    # survives in x - mean and is amplified by rstd, up to 1 / sqrt(eps), on near-zero variance.
+    x0 = tl.load(X + rows64 * stride_xm, mask=row_mask, other=0.0).to(ACC)
+    d = tl.where(mask, x - x0[:, None], 0.0)
+    mean_d = tl.sum(d, axis=1) / C
+    xc = tl.where(mask, d - mean_d[:, None], 0.0)
+    mean = x0 + mean_d
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
     y = xc * rstd[:, None]
     if HAS_W:
-        y = y * tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+        y = y * tl.load(W + cols * stride_w, mask=col_mask, other=0.0).to(ACC)[None, :]
     if HAS_B:
-        y = y + tl.load(B + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+        y = y + tl.load(B + cols * stride_b, mask=col_mask, other=0.0).to(ACC)[None, :]
     tl.store(Y + rows64[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     if STORE_STATS:
         tl.store(Mean + rows, mean, mask=row_mask)
@@ -63,7 +71,7 @@ def _layer_norm_fwd_kernel(
 @triton.jit
 def _layer_norm_bwd_kernel(
     X, W, DY, DX, Mean, Rstd, DWp, DBp,
-    stride_xm, stride_xc, stride_dym, stride_dyc, stride_dxm,
+    stride_xm, stride_xc, stride_dym, stride_dyc, stride_dxm, stride_w,
     M, C, ROWS_PER_PROG,
     HAS_W: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -72,7 +80,7 @@ def _layer_norm_bwd_kernel(
     cols = tl.arange(0, BLOCK_C)
     col_mask = cols < C
     if HAS_W:
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)
+        w = tl.load(W + cols * stride_w, mask=col_mask, other=0.0).to(ACC)
     dw_acc = tl.zeros((BLOCK_C,), dtype=ACC)
     db_acc = tl.zeros((BLOCK_C,), dtype=ACC)
     row_start = pid * ROWS_PER_PROG
@@ -129,9 +137,14 @@ def _check_inputs(x, weight, bias, eps):
         check_tensor(name, p, dtypes=FLOAT_DTYPES)
         if tuple(p.shape) != (C,):
             raise ValueError(f"{name} must have shape ({C},) to match x's last dimension, got {tuple(p.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+    if not real_number("eps", eps) > 0:
         raise ValueError(f"eps must be a positive number, got {eps!r}")
     check_device({"x": x, "weight": weight, "bias": bias})
+
+
+def _stride(p):
+    """A 1-D parameter's element stride (0 for an expanded one); 0 for an absent one (not read)."""
+    return 0 if p is None else p.stride(0)
 
 
 def _layer_norm_fwd(x, weight, bias, eps, store_stats):
@@ -150,7 +163,7 @@ def _layer_norm_fwd(x, weight, bias, eps, store_stats):
         block_m, block_c, num_warps = _block_sizes(C)
         _layer_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
             x2, weight, bias, y, mean, rstd,
-            x2.stride(0), x2.stride(1), C,
+            x2.stride(0), x2.stride(1), C, _stride(weight), _stride(bias),
             M, C, float(eps),
             HAS_W=weight is not None, HAS_B=bias is not None, STORE_STATS=store_stats,
             ACC=acc_dtype(x.dtype), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
@@ -177,7 +190,7 @@ def _layer_norm_bwd(dy, x, weight, mean, rstd, need_dx, need_dw, need_db):
     if M > 0:
         _layer_norm_bwd_kernel[(programs,)](
             x2, weight, dy2, dx, mean, rstd, dw_part, db_part,
-            x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), C,
+            x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), C, _stride(weight),
             M, C, rows_per_prog,
             HAS_W=weight is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
             ACC=acc_dtype(x.dtype), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
@@ -257,4 +270,4 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     Differs from PyTorch under CUDA autocast only: the result keeps x's dtype instead of fp32.
     """
     _check_inputs(x, weight, bias, eps)
-    return _layer_norm_fwd_op(x, weight, bias, float(eps), needs_grad(x, weight, bias))[0]
+    return _layer_norm_fwd_op(x, weight, bias, real_number("eps", eps), needs_grad(x, weight, bias))[0]

@@ -28,8 +28,9 @@ equals 0.5 h (1 + tanh(u)); "none" the exact g = h * Phi(h) with erf, as F.gelu'
 fp32 inputs: the dots use true fp32 ("ieee") unless torch.backends.cuda.matmul.allow_tf32 is set,
 then TF32, following what PyTorch's own fp32 matmul does. bf16 in Triton's interpreter: tl.dot
 there multiplies bf16 bit patterns, so the tiles are converted to fp32 before the dot there.
-Limits: x (..., C) with any C, hidden size and row count (edges masked); all five tensors one
-dtype (as F.linear requires); row offsets in int64.
+Limits: x (..., C) with any C (C = 0 gives the biases, as F.linear), hidden size and row count
+(edges masked); all five tensors one dtype (as F.linear requires), any strides (biases too, an
+expanded one included); row offsets in int64.
 """
 from typing import Optional
 
@@ -175,7 +176,7 @@ def _matmul_tile(A, B, M, N, K, k_start, k_end, stride_am, stride_ak, stride_bk,
 def _mlp_fwd_kernel(
     A, B, Bias, Out, Pre,
     M, N, K, K_PER_SPLIT, M_KEY, K_KEY,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_os,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_os, stride_bias,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_PRE: tl.constexpr, APPROX_TANH: tl.constexpr,
     ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -190,7 +191,7 @@ def _mlp_fwd_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     if HAS_BIAS:
-        acc += tl.load(Bias + cols, mask=cols < N, other=0.0).to(ACC)[None, :]
+        acc += tl.load(Bias + cols * stride_bias, mask=cols < N, other=0.0).to(ACC)[None, :]
     offs = split.to(tl.int64) * stride_os + rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
     if GELU:
         if STORE_PRE:
@@ -293,7 +294,7 @@ def _matmul(a, b, bias=None, gelu=None, store_pre=False, split_ok=False):
         a, b, bias, out, pre,
         # the rows are K for the weight gradients (split_ok), M for every other product
         M, N, K, per_split, M if split_ok else rows_key(M), rows_key(K) if split_ok else K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), N, 1, M * N,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), N, 1, M * N, 0 if bias is None else bias.stride(0),
         HAS_BIAS=bias is not None, GELU=gelu is not None, STORE_PRE=store_pre,
         APPROX_TANH=gelu == "tanh", **_dot_options(a.dtype, a.device),
     )
@@ -330,9 +331,14 @@ def _gelu_grad_matmul(dy, w2, pre, approximate, need_db):
     return dpre, db_part
 
 
+def _rows(t):
+    """t (..., n) as (M, n); explicit M, since reshape(-1, 0) is ambiguous when n = 0."""
+    return t.reshape(t.shape[:-1].numel(), t.shape[-1])
+
+
 def _gelu_mlp_fwd(x, fc_weight, fc_bias, proj_weight, proj_bias, approximate, save):
     """Returns y (x.shape[:-1] + (O,)), and when save the pre-activation h and activation g (M, H)."""
-    x2 = x.reshape(-1, x.shape[-1])  # a view whenever x's layout allows; the kernel takes strides
+    x2 = _rows(x)  # a view whenever x's layout allows; the kernel takes strides
     act, pre = _matmul(x2, fc_weight.t(), fc_bias, gelu=approximate, store_pre=save)
     y = _matmul(act, proj_weight.t(), proj_bias)
     return y.view(*x.shape[:-1], proj_weight.shape[0]), pre, act
@@ -341,8 +347,8 @@ def _gelu_mlp_fwd(x, fc_weight, fc_bias, proj_weight, proj_bias, approximate, sa
 def _gelu_mlp_bwd(dy, x, fc_weight, proj_weight, pre, act, approximate, needs):
     """(dx, dW1, db1, dW2, db2); entries whose `needs` flag is False are None."""
     need_dx, need_dw1, need_db1, need_dw2, need_db2 = needs
-    dy2 = dy.reshape(-1, dy.shape[-1])
-    x2 = x.reshape(-1, x.shape[-1])
+    dy2 = _rows(dy)
+    x2 = _rows(x)
     dx = dw1 = db1 = dw2 = db2 = None
     if need_dx or need_dw1 or need_db1:
         dpre, db_part = _gelu_grad_matmul(dy2, proj_weight, pre, approximate, need_db1)

@@ -36,8 +36,11 @@ def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, approximate="tanh"):
 
 
 def cross_entropy(logits, targets, ignore_index=-100, reduction="mean", label_smoothing=0.0):
-    """Softmax cross-entropy of (N, V) logits against (N,) int64 targets, computed in fp32."""
-    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index,
+    """Softmax cross-entropy of (N, V) logits against (N,) int64 targets, computed in fp32 (fp16
+    and bf16 logits are upcast; fp64 stays fp64, so the oracle is exact in fp64)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits, targets, ignore_index=ignore_index,
                            reduction=reduction, label_smoothing=label_smoothing)
 
 

@@ -20,6 +20,23 @@ if not torch.cuda.is_available():
 
 from tritongpt.kernels._utils import interpreting  # noqa: E402  (after TRITON_INTERPRET is settled)
 
+try:  # the property suite's profiles (tests/test_properties.py); hypothesis is in the test extra
+    from hypothesis import HealthCheck, Phase, settings
+except ImportError:
+    settings = None
+if settings is not None:
+    # "ci" (the default): a fixed, small example budget and a derandomised seed, so every run of
+    # the suite tries the same cases in a few minutes under the interpreter. "long": many more
+    # cases from a fresh seed, for local runs: TRITONGPT_HYPOTHESIS=long python -m pytest
+    # tests/test_properties.py (or hypothesis' own --hypothesis-profile=long).
+    _relaxed = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+                    print_blob=True)
+    # ci skips shrinking: a failure prints the drawn case as is, without minutes of reruns
+    settings.register_profile("ci", max_examples=12, derandomize=True, database=None,
+                              phases=[Phase.explicit, Phase.generate], **_relaxed)
+    settings.register_profile("long", max_examples=400, **_relaxed)
+    settings.load_profile(os.environ.get("TRITONGPT_HYPOTHESIS", "ci"))
+
 
 def _has_cuda():
     return torch.cuda.is_available() and not interpreting()

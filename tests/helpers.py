@@ -5,6 +5,8 @@ must be at most 2x the error of PyTorch's own op run in the kernel's dtype, plus
 about one unit in the last place of the output's dtype at the oracle's largest magnitude. Both the
 max-abs error and the relative RMS error must pass; failures print both for kernel and PyTorch.
 """
+import math
+
 import torch
 
 
@@ -146,3 +148,96 @@ def check_same_maths(patched, baseline, oracle, run):
     assert results[0].keys() == results[1].keys()
     for name in results[0]:
         assert_close_2x(results[0][name], results[1][name], results[2][name], name)
+
+
+# Layouts torch can give a tensor argument: each builds a leaf `base` and a view of it with the
+# wanted shape, so a test can request gradients (on the base) while the op sees the strided view.
+LAYOUTS = ("contiguous", "offset", "slice", "transpose", "expand")
+
+
+def _base_shape(kind, shape):
+    shape = tuple(shape)
+    if kind == "offset":
+        return (math.prod(shape) + 3,)
+    if kind == "slice":
+        return shape[:-1] + (2 * shape[-1],)
+    if kind == "transpose" and len(shape) >= 2:
+        return shape[:-2] + (shape[-1], shape[-2])
+    if kind == "expand":
+        return (1,) + shape[1:]
+    return shape
+
+
+def viewer(kind, shape):
+    """(base_shape, fn): fn(base) is a view of shape `shape` in layout `kind` over a tensor of
+    base_shape: "offset" starts 3 elements into a larger storage, "slice" takes every other element
+    of the last dimension, "transpose" swaps the last two (a 1-D tensor stays as it is), "expand"
+    repeats one row with stride 0 along the first dimension."""
+    shape = tuple(shape)
+    fns = {
+        "contiguous": lambda b: b,
+        "offset": lambda b: b[3:].view(shape),
+        "slice": lambda b: b[..., ::2],
+        "transpose": lambda b: b.transpose(-1, -2) if len(shape) >= 2 else b,
+        "expand": lambda b: b.expand(shape),
+    }
+    return _base_shape(kind, shape), fns[kind]
+
+
+def _same(a, b):
+    """Bitwise equality that counts nan as equal to nan."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)) \
+        and torch.equal(torch.isnan(a), torch.isnan(b))
+
+
+def _run_views(fn, args, dtype, dy, grads, kwargs, strict=False):
+    """fn(*views) and its backward with dy; args are (base, view_fn) pairs (base None: the
+    argument is None) or plain values. Float bases become leaves of `dtype` (requiring grad where
+    `grads` says so); returns [out] + the bases' gradients (None where none was asked).
+    strict: also assert that no input (base or plain tensor) is modified and that a second
+    backward pass over the same graph gives bitwise the same gradients."""
+    leaves, call = [], []
+    for arg, want_grad in zip(args, grads):
+        if not isinstance(arg, tuple):
+            leaves.append(None)
+            call.append(arg)
+            continue
+        base, view = arg
+        if base is not None and base.is_floating_point():
+            base = leaf(base.to(dtype), want_grad)
+        leaves.append(base if want_grad else None)
+        call.append(None if base is None else view(base))
+    inputs = [t for t in call if isinstance(t, torch.Tensor)]
+    before = [t.detach().clone() for t in inputs] if strict else []
+    out = fn(*call, **kwargs)
+    dy = dy(out) if callable(dy) else dy
+    wanted = [t for t in leaves if t is not None]
+    if out.requires_grad:
+        out.backward(dy.to(out.dtype), retain_graph=strict)
+    got = [out] + [None if t is None else t.grad for t in leaves]
+    if strict and out.requires_grad:
+        first = [t.grad.clone() for t in wanted]
+        for t in wanted:
+            t.grad = None
+        out.backward(dy.to(out.dtype))
+        for i, (a, b) in enumerate(zip(first, [t.grad for t in wanted])):
+            assert _same(a, b), f"gradient {i}: a second backward pass is not bitwise equal to the first"
+    for i, (a, b) in enumerate(zip(inputs, before)):
+        assert _same(a.detach(), b), f"input {i} was modified by the op"
+    return got
+
+
+def assert_differential(kernel, reference, args, dtype, dy, grads, names, strict=False, **kwargs):
+    """The 2x rule for the output and every requested gradient of kernel(*views), against
+    reference in float64 (the oracle) and reference in `dtype` (PyTorch's own error).
+    args: (base, view_fn) pairs, see viewer(), or plain values (targets, None); grads: one bool per
+    argument, whether its base requires grad; dy: the output gradient, or a function of the
+    output giving it. Gradients are compared on the bases. strict: see _run_views."""
+    oracle = _run_views(reference, args, torch.float64, dy, grads, kwargs)
+    baseline = _run_views(reference, args, dtype, dy, grads, kwargs)
+    actual = _run_views(kernel, args, dtype, dy, grads, kwargs, strict=strict)
+    for name, a, t, o in zip(names, actual, baseline, oracle):
+        if o is not None:
+            assert a is not None, f"{name}: no gradient where the reference has one"
+            assert_close_2x(a, t, o, name)
+    return actual

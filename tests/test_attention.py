@@ -6,6 +6,7 @@ diagonal crossing them, Tq != Tk, strided views.
 """
 import importlib
 
+import numpy as np
 import pytest
 import torch
 from helpers import assert_close_2x, dtypes_for, forbid_launches
@@ -135,6 +136,14 @@ def test_more_queries_than_keys_causal(device):
 def test_sm_scale(device):
     q, k, v = _qkv(1, 2, 21, 21, 32, torch.float16, device)
     _check(q, k, v, torch.randn(1, 2, 21, 32, device=device).half(), causal=True, sm_scale=0.3)
+
+
+def test_numpy_sm_scale_is_accepted(device):
+    """SDPA takes a NumPy scalar as scale; so does flash_attention (same result as the float)."""
+    q, k, v = _qkv(1, 1, 5, 5, 16, torch.float32, device)
+    want = flash_attention(q, k, v, sm_scale=0.3)
+    assert torch.equal(flash_attention(q, k, v, sm_scale=np.float64(0.3)), want)
+    torch.testing.assert_close(flash_attention(q, k, v, sm_scale=np.float32(0.3)), want)
 
 
 @pytest.mark.parametrize("causal,Tq,Tk", [(True, 3, 6), (False, 4, 7)])

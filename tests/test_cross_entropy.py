@@ -1,6 +1,8 @@
 """kernels.cross_entropy and kernels.linear_cross_entropy against the reference, under the 2x rule."""
 import importlib
+import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -300,6 +302,76 @@ def test_torch_compile_fullgraph(device):
                 + linear_cross_entropy(x, w, targets, reduction="none").sum())
 
     assert_compiled_matches_eager(loss, (x, w))
+
+
+# ---------------------------------------------------------------- precision, options, double backward
+
+def test_float64_label_smoothing_is_exact(device):
+    """fp64 computes in fp64: the smoothing constants must not be rounded to fp32 on the way
+    (they were: gradients off by ~1e-8)."""
+    logits = _logits(6, 37, torch.float64, device)
+    t = _targets(6, 37, device)
+    x, w = torch.randn(6, 8, dtype=torch.float64, device=device), torch.randn(37, 8, dtype=torch.float64,
+                                                                             device=device)
+    for reduction in ("mean", "none"):
+        options = dict(label_smoothing=0.1, reduction=reduction)
+        pairs = [(lambda z: cross_entropy(z, t, **options), lambda z: F.cross_entropy(z, t, **options), logits),
+                 (lambda z: linear_cross_entropy(z, w, t, **options),
+                  lambda z: F.cross_entropy(F.linear(z, w), t, **options), x)]
+        for fn, want_fn, inp in pairs:
+            got_in, want_in = leaf(inp), leaf(inp)
+            got, want = fn(got_in), want_fn(want_in)
+            torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-15)
+            got.sum().backward()
+            want.sum().backward()
+            torch.testing.assert_close(got_in.grad, want_in.grad, rtol=1e-12, atol=1e-15)
+
+
+def test_reference_keeps_float64(device):
+    """The oracle is exact in fp64: only fp16/bf16 logits are upcast (to fp32)."""
+    logits = _logits(5, 11, torch.float64, device)
+    t = _targets(5, 11, device)
+    got = reference.cross_entropy(logits, t, label_smoothing=0.2)
+    assert got.dtype == torch.float64
+    assert torch.equal(got, F.cross_entropy(logits, t, label_smoothing=0.2))
+    assert reference.cross_entropy(logits.half(), t).dtype == torch.float32
+
+
+def test_numpy_scalar_options(device):
+    """F.cross_entropy accepts NumPy scalars for ignore_index and label_smoothing; so do we."""
+    logits = _logits(6, 11, torch.float32, device)
+    t = _targets(6, 11, device, ignore_index=3)
+    want = reference.cross_entropy(logits, t, ignore_index=3, label_smoothing=0.25)
+    got = cross_entropy(logits, t, ignore_index=np.int64(3), label_smoothing=np.float32(0.25))
+    torch.testing.assert_close(got, want)
+    w = torch.randn(11, 11, device=device)
+    torch.testing.assert_close(linear_cross_entropy(logits, w, t, ignore_index=np.int32(3),
+                                                    label_smoothing=np.float64(0.25)),
+                               reference.linear_cross_entropy(logits, w, t, ignore_index=3, label_smoothing=0.25))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_double_backward_raises(reduction, device):
+    """No silent W.grad = None under create_graph: a second-order gradient is refused clearly."""
+    x = torch.randn(4, 8, device=device, requires_grad=True)
+    w = torch.randn(11, 8, device=device, requires_grad=True)
+    t = torch.randint(0, 11, (4,), device=device)
+    with pytest.raises(RuntimeError, match="double backward|no autograd formula"):
+        (g,) = torch.autograd.grad(linear_cross_entropy(x, w, t, reduction=reduction).sum(), x,
+                                   create_graph=True)
+        g.pow(2).sum().backward()
+    assert w.grad is None
+
+
+def test_readme_names_the_real_chunk_knob(monkeypatch):
+    """README's way to set CHUNK_BYTES must reach the module (kernels.cross_entropy is the function)."""
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    assert "kernels.cross_entropy.CHUNK_BYTES" not in readme
+    block = next(b for b in readme.split("```python")[1:] if "CHUNK_BYTES =" in b).split("```")[0]
+    monkeypatch.setattr(ce_module, "CHUNK_BYTES", ce_module.CHUNK_BYTES)  # restored after the test
+    exec(block, {})
+    assert ce_module.CHUNK_BYTES != 256 * 2**20
+    assert ce_module.chunk_rows(10**6, 50257, 2) <= ce_module.CHUNK_BYTES // (50257 * 2) < 2670
 
 
 # ---------------------------------------------------------------- bad input

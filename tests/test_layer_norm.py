@@ -1,9 +1,10 @@
 """kernels.layer_norm against the reference, under DESIGN.md's 2x rule."""
 import importlib
 
+import numpy as np
 import pytest
 import torch
-from helpers import assert_close_2x, assert_compiled_matches_eager, dtypes_for, forbid_launches, leaf
+from helpers import assert_close_2x, assert_compiled_matches_eager, dtypes_for, forbid_launches, leaf, viewer
 
 from tritongpt.kernels import layer_norm, reference
 
@@ -69,6 +70,50 @@ def test_non_contiguous_input(layout, device):
     assert not x.is_contiguous()
     _, w, b = _inputs((96,), torch.float32, device)
     _check_against_reference(x, w, b, torch.randn(x.shape, device=device))
+
+
+@pytest.mark.parametrize("layout", ["slice", "expand", "offset"])
+def test_strided_weight_and_bias(layout, device):
+    """weight and bias are read through their strides: a slice, a stride-0 expand (which must not
+    read past its one-element storage) and a view into a larger storage."""
+    C = 48
+    x = torch.randn(5, C, device=device)
+    dy = torch.randn(5, C, device=device)
+    base_shape, view = viewer(layout, (C,))
+    w_base = torch.randn(base_shape, device=device) * 0.5 + 1
+    b_base = torch.randn(base_shape, device=device)
+
+    def run(fn, dtype):
+        bases = [leaf(t.to(dtype)) for t in (x, w_base, b_base)]
+        y = fn(bases[0], view(bases[1]), view(bases[2]), 1e-5)
+        y.backward(dy.to(dtype))
+        return [y] + [t.grad for t in bases]
+
+    oracle, baseline, actual = run(reference.layer_norm, torch.float64), run(reference.layer_norm, x.dtype), \
+        run(layer_norm, x.dtype)
+    for name, a, t, o in zip(("y", "dx", "dweight", "dbias"), actual, baseline, oracle):
+        assert_close_2x(a, t, o, f"{layout} {name}")
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-12], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_constant_rows_give_the_bias_exactly(eps, dtype, device):
+    """x - mean must be exactly 0 on a constant row: a rounding error in the mean would be divided
+    by sqrt(eps) (1.5e-2 at eps 1e-12 before the fix). PyTorch returns the bias exactly."""
+    x = torch.full((3, 768), 0.1, device=device, dtype=dtype)
+    w = torch.randn(768, device=device, dtype=dtype)
+    b = torch.randn(768, device=device, dtype=dtype)
+    y = layer_norm(x, w, b, eps=eps)
+    assert torch.equal(y, b.expand_as(y))
+    if dtype == torch.float32:  # PyTorch agrees bit for bit (its CPU fp16 path does not)
+        assert torch.equal(reference.layer_norm(x, w, b, eps=eps), y)
+
+
+def test_numpy_eps_is_accepted(device):
+    x, w, b = _inputs((3, 16), torch.float32, device)
+    want = reference.layer_norm(x, w, b, eps=1e-5)
+    torch.testing.assert_close(layer_norm(x, w, b, eps=np.float32(1e-5)), want)
+    torch.testing.assert_close(layer_norm(x, w, b, eps=np.float64(1e-5)), want)
 
 
 def test_broadcast_output_gradient(device):

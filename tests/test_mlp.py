@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 import torch
-from helpers import assert_close_2x, dtypes_for, forbid_launches, leaf
+from helpers import assert_close_2x, assert_differential, dtypes_for, forbid_launches, leaf, viewer
 
 from tritongpt.kernels import gelu_mlp, reference
 
@@ -70,6 +70,27 @@ def test_exact_erf_gelu(dtype, device):
 def test_without_biases_and_other_output_width(device):
     inputs = _inputs((33,), 64, 80, torch.float32, device, bias=False, O=72)
     _check_against_reference(inputs, _dy(inputs))
+
+
+@pytest.mark.parametrize("layout", ["slice", "expand", "offset"])
+def test_strided_biases(layout, device):
+    """fc_bias and proj_bias are read through their strides (an expanded one has stride 0)."""
+    x, w1, b1, w2, b2 = _inputs((7,), 32, 48, torch.float32, device)
+    args = [(x, lambda t: t), (w1, lambda t: t)]
+    for bias, n in ((b1, 48), (b2, 32)):
+        base_shape, view = viewer(layout, (n,))
+        args.append((0.1 * torch.randn(base_shape, device=device), view))
+    args.insert(3, (w2, lambda t: t))
+    assert_differential(gelu_mlp, reference.gelu_mlp, args, torch.float32, _dy([x, w1, b1, w2, b2]),
+                        [True] * 5, NAMES)
+
+
+def test_empty_feature_dimension(device):
+    """C = 0: F.linear returns the bias broadcast; so does the first layer here."""
+    x, w1, b1, w2, b2 = _inputs((5,), 0, 16, torch.float32, device, O=4)
+    _check_against_reference([x, w1, b1, w2, b2], torch.randn(5, 4, device=device))
+    x, w1, b1, w2, b2 = _inputs((2, 5), 0, 16, torch.float32, device, O=8)
+    _check_against_reference([x, w1, b1, w2, b2], torch.randn(2, 5, 8, device=device))
 
 
 @pytest.mark.parametrize("layout", ["strided_columns", "transposed"])

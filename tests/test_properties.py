@@ -1,0 +1,184 @@
+"""Property-based differential tests: every public op against kernels.reference in float64.
+
+Hypothesis draws the cases: shapes with 1 and odd sizes, every dtype the interpreter computes
+right, every layout of tests/helpers.LAYOUTS for every tensor argument (1-D parameters and targets
+too), gradients on any subset of the inputs, and every option. Each case checks the 2x rule of
+tests/helpers.py for the output and each requested gradient, that no input is modified, and that a
+second backward pass is bitwise equal to the first.
+
+Profiles (tests/conftest.py): "ci", the default, a small fixed budget with a derandomised seed;
+"long" for local fuzzing: TRITONGPT_HYPOTHESIS=long python -m pytest tests/test_properties.py.
+
+To cover a new option of an op, add a draw to its strategy below and pass it in `options`.
+"""
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from helpers import LAYOUTS, assert_differential, dtypes_for, viewer
+
+from tritongpt.kernels import cross_entropy, flash_attention, gelu_mlp, layer_norm, linear_cross_entropy, reference
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+given = hypothesis.given
+
+ce_module = importlib.import_module("tritongpt.kernels.cross_entropy")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# Every kernel computes bf16 right in the interpreter (no tl.dot, or bf16 tiles upcast before it).
+DTYPES = dtypes_for(DEVICE, bf16_in_interpreter=True)
+SMALL = (1, 2, 3, 5)  # sizes of leading dimensions: 1 and odd sizes
+
+
+# ---------------------------------------------------------------- small strategies
+
+@st.composite
+def tensor_arg(draw, shape, scale=1.0, shift=0.0):
+    """(base, view): a float base of random values (seeded by hypothesis) and a view of `shape`
+    over it in a drawn layout."""
+    base_shape, view = viewer(draw(st.sampled_from(LAYOUTS)), shape)
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    base = torch.randn(base_shape, generator=gen) * scale + shift
+    return base.to(DEVICE), view
+
+
+@st.composite
+def optional_arg(draw, shape, scale=1.0, shift=0.0):
+    """tensor_arg, or (None, None) for an absent optional tensor."""
+    return draw(st.one_of(st.just((None, None)), tensor_arg(shape, scale, shift)))
+
+
+@st.composite
+def targets_arg(draw, N, V, ignore_index):
+    """(base, view) of int64 targets in [0, V) with some rows set to ignore_index."""
+    base_shape, view = viewer(draw(st.sampled_from(LAYOUTS)), (N,))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    base = torch.randint(0, V, base_shape, generator=gen)
+    ignored = torch.rand(base_shape, generator=gen) < draw(st.sampled_from([0.0, 0.3, 1.0]))
+    base[ignored] = int(ignore_index)
+    return base.to(DEVICE), view
+
+
+def grads_for(n):
+    """Which of n inputs require grad: any subset."""
+    return st.lists(st.booleans(), min_size=n, max_size=n)
+
+
+def seeded_dy():
+    """The output gradient, a function of the output: random of its shape, the same every call."""
+    return st.integers(0, 2**31 - 1).map(
+        lambda seed: lambda out: torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device))
+
+
+def check(kernel, ref, case, names):
+    assert_differential(kernel, ref, case["args"], case["dtype"], case["dy"], case["grads"], names,
+                        strict=True, **case["options"])
+
+
+# ---------------------------------------------------------------- one strategy per op
+
+@st.composite
+def layer_norm_cases(draw):
+    lead = draw(st.lists(st.sampled_from(SMALL), min_size=1, max_size=2))
+    C = draw(st.sampled_from([1, 2, 3, 7, 16, 33, 100]))
+    args = [draw(tensor_arg((*lead, C), scale=draw(st.sampled_from([1.0, 30.0])), shift=0.5)),
+            draw(optional_arg((C,), 0.5, 1.0)), draw(optional_arg((C,)))]
+    options = dict(eps=draw(st.sampled_from([1e-5, 1e-12, 0.1, np.float32(1e-5)])))
+    return dict(args=args, options=options, dtype=draw(st.sampled_from(DTYPES)), grads=draw(grads_for(3)),
+                dy=draw(seeded_dy()))
+
+
+@st.composite
+def attention_cases(draw):
+    B, H = draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2]))
+    D = draw(st.sampled_from([16, 32]))
+    causal = draw(st.booleans())
+    # Tk >= 5: with one visible key PyTorch's dq is exactly 0 while FlashAttention's
+    # dS = P * (dP - rowsum(dO * O)) keeps one rounding of dP (README, attention's limits)
+    Tk = draw(st.sampled_from([5, 33]))
+    # causal with Tq > Tk leaves queries that see no key: 0 here, nan in SDPA (tested apart)
+    Tq = draw(st.sampled_from([t for t in (1, 3, 17, 40) if not causal or t <= Tk]))
+    args = [draw(tensor_arg((B, H, Tq, D))), draw(tensor_arg((B, H, Tk, D))), draw(tensor_arg((B, H, Tk, D)))]
+    options = dict(causal=causal, sm_scale=draw(st.sampled_from([None, 0.3, np.float32(0.125)])))
+    return dict(args=args, options=options, dtype=draw(st.sampled_from(DTYPES)), grads=draw(grads_for(3)),
+                dy=draw(seeded_dy()))
+
+
+@st.composite
+def mlp_cases(draw):
+    lead = draw(st.lists(st.sampled_from(SMALL), min_size=1, max_size=2))
+    C, H, O = (draw(st.sampled_from(sizes)) for sizes in ([0, 1, 7, 16], [1, 9, 33], [1, 5, 16]))
+    args = [draw(tensor_arg((*lead, C))), draw(tensor_arg((H, C), scale=C**-0.5 if C else 1.0)),
+            draw(optional_arg((H,), 0.1)), draw(tensor_arg((O, H), scale=H**-0.5)), draw(optional_arg((O,), 0.1))]
+    options = dict(approximate=draw(st.sampled_from(["tanh", "none"])))
+    return dict(args=args, options=options, dtype=draw(st.sampled_from(DTYPES)), grads=draw(grads_for(5)),
+                dy=draw(seeded_dy()))
+
+
+@st.composite
+def ce_options(draw):
+    return dict(ignore_index=draw(st.sampled_from([-100, 0, 3, np.int64(-1)])),
+                reduction=draw(st.sampled_from(["mean", "sum", "none"])),
+                label_smoothing=draw(st.sampled_from([0.0, 0.1, 1.0, np.float32(0.25)])))
+
+
+@st.composite
+def cross_entropy_cases(draw):
+    N, V = draw(st.sampled_from([1, 2, 5, 9])), draw(st.sampled_from([1, 2, 7, 33, 130]))
+    options = draw(ce_options())
+    args = [draw(tensor_arg((N, V), scale=3.0)), draw(targets_arg(N, V, options["ignore_index"]))]
+    return dict(args=args, options=options, dtype=draw(st.sampled_from(DTYPES)),
+                grads=[draw(st.booleans()), False], dy=draw(seeded_dy()))
+
+
+@st.composite
+def linear_cross_entropy_cases(draw):
+    N, C, V = (draw(st.sampled_from(sizes)) for sizes in ([1, 2, 5, 9], [1, 3, 16], [1, 7, 33]))
+    options = draw(ce_options())
+    args = [draw(tensor_arg((N, C))), draw(tensor_arg((V, C), scale=C**-0.5)),
+            draw(targets_arg(N, V, options["ignore_index"])), draw(optional_arg((V,)))]
+    grads = draw(grads_for(4))
+    grads[2] = False  # targets
+    dtype, rows = draw(st.sampled_from(DTYPES)), draw(st.sampled_from([None, 1, 2]))
+    return dict(args=args, options=options, dtype=dtype, grads=grads, dy=draw(seeded_dy()),
+                chunk_bytes=None if rows is None else rows * V * dtype.itemsize)
+
+
+# ---------------------------------------------------------------- the properties
+
+@given(layer_norm_cases())
+def test_layer_norm(case):
+    check(layer_norm, reference.layer_norm, case, ("y", "dx", "dweight", "dbias"))
+
+
+# Open findings of this suite (issue 14), not yet fixed: failing cases print their draw.
+@pytest.mark.xfail(reason="open: fp32 dk up to ~3.6x PyTorch's error (causal, sm_scale 0.3), found by "
+                          "this suite; see the issue-14 report", strict=False)
+@given(attention_cases())
+def test_flash_attention(case):
+    check(flash_attention, reference.flash_attention, case, ("o", "dq", "dk", "dv"))
+
+
+@pytest.mark.xfail(reason="open: fp32 dproj_weight rel-rms ~15x PyTorch's and fp32 y ~3 ulp on H = 1, found "
+                          "by this suite; see the issue-14 report", strict=False)
+@given(mlp_cases())
+def test_gelu_mlp(case):
+    check(gelu_mlp, reference.gelu_mlp, case, ("y", "dx", "dfc_weight", "dfc_bias", "dproj_weight", "dproj_bias"))
+
+
+@given(cross_entropy_cases())
+def test_cross_entropy(case):
+    check(cross_entropy, reference.cross_entropy, case, ("loss", "dlogits"))
+
+
+@given(linear_cross_entropy_cases())
+def test_linear_cross_entropy(case):
+    """Also with logits chunks of 1 or 2 rows (CHUNK_BYTES set for the case)."""
+    saved = ce_module.CHUNK_BYTES
+    ce_module.CHUNK_BYTES = case["chunk_bytes"] or saved
+    try:
+        check(linear_cross_entropy, reference.linear_cross_entropy, case,
+              ("loss", "dx", "dweight", "dtargets", "dbias"))
+    finally:
+        ce_module.CHUNK_BYTES = saved
