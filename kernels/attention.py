@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype, acc_torch_dtype, check_device, check_tensor, interpreting
+from ._utils import acc_dtype, acc_torch_dtype, check_device, check_tensor, interpreting, tanh
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HEAD_DIMS = (16, 32, 64, 128)
@@ -101,33 +101,13 @@ def _share_docs(qdoc, kdoc):
 
 
 @triton.jit
-def _tanh(x):
-    """tanh to a few ulps in fp32 and fp64. (1 - e) / (1 + e) with e = exp(-2|x|) loses digits to
-    cancellation near 0, so |x| < 1/4 uses the odd Taylor series (9 terms: < 1e-14 relative there)."""
-    a = tl.abs(x)
-    e = tl.exp(-2.0 * a)
-    far = (1.0 - e) / (1.0 + e)
-    z = a * a
-    near = 5.900274409455859e-4 * z - 1.4558343870513183e-3
-    near = near * z + 3.5921280365724810e-3
-    near = near * z - 8.8632355299021966e-3
-    near = near * z + 2.1869488536155203e-2
-    near = near * z - 5.3968253968253968e-2
-    near = near * z + 0.13333333333333333
-    near = near * z - 0.33333333333333333
-    near = a + a * z * near
-    t = tl.where(a < 0.25, near, far)
-    return tl.where(x < 0, -t, t)
-
-
-@triton.jit
 def _scores(qk, qk_scale, cap, SOFTCAP: tl.constexpr):
     """(s, t): base-2 scores from the raw dot products qk, and t for the softcap's derivative.
     Plain: s = qk * qk_scale with qk_scale = sm_scale * log2(e) (t unused).
     SOFTCAP: s = cap * t, t = tanh(qk * qk_scale), with qk_scale = sm_scale / softcap and
     cap = softcap * log2(e): softcap * tanh(sm_scale * qk / softcap) in base 2."""
     if SOFTCAP:
-        t = _tanh(qk * qk_scale)
+        t = tanh(qk * qk_scale)
         return cap * t, t
     return qk * qk_scale, qk
 

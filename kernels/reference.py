@@ -80,14 +80,34 @@ def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, approximate="tanh"):
     return F.linear(h, proj_weight, proj_bias)
 
 
-def cross_entropy(logits, targets, ignore_index=-100, reduction="mean", label_smoothing=0.0):
-    """Softmax cross-entropy of (N, V) logits against (N,) int64 targets, computed in fp32."""
-    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index,
-                           reduction=reduction, label_smoothing=label_smoothing)
+def cross_entropy(logits, targets, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                  z_loss=0.0, softcap=None):
+    """Softmax cross-entropy of (N, V) logits against (N,) int64 targets, computed in fp32.
+
+    softcap: the logits become softcap * tanh(logits / softcap) first (Gemma 2). z_loss adds
+    z_loss * logsumexp(logits)^2 to each kept row's loss (PaLM), reduced like the loss.
+    fp64 logits stay fp64 (an exact oracle), the others compute in fp32."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if not z_loss and softcap is None:
+        return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction,
+                               label_smoothing=label_smoothing)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none",
+                           label_smoothing=label_smoothing)
+    if z_loss:
+        kept = targets != ignore_index
+        loss = loss + torch.where(kept, z_loss * torch.logsumexp(logits, dim=-1).square(), 0.0)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / (targets != ignore_index).sum()
 
 
 def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, reduction="mean",
-                         label_smoothing=0.0):
+                         label_smoothing=0.0, z_loss=0.0, softcap=None):
     """cross_entropy(x @ weight.T + bias, targets): the lm_head projection followed by the loss."""
     return cross_entropy(F.linear(x, weight, bias), targets, ignore_index=ignore_index,
-                         reduction=reduction, label_smoothing=label_smoothing)
+                         reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+                         softcap=softcap)
