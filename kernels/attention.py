@@ -26,12 +26,13 @@ tensor cores as bf16.
 """
 import functools
 import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype, acc_torch_dtype, check_device, check_tensor, interpreting, real_number
+from ._utils import acc_dtype, acc_torch_dtype, check_device, check_tensor, integer, interpreting, real_number, tanh
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HEAD_DIMS = (16, 32, 64, 128)
@@ -86,94 +87,179 @@ def _load_rows(P, rows, cols, stride_r, stride_c, n_rows, CHECK: tl.constexpr):
 
 
 @triton.jit
-def _visible(rows, cols, Tq, Tk, CAUSAL: tl.constexpr):
-    """Whether query `rows` sees key `cols` (broadcast index tensors): the key exists and, when
-    causal, j <= i + Tk - Tq (the mask aligned to the end)."""
+def _load_docs(Docs, offs, T):
+    """Document ids of positions offs; a position past the end reads position T - 1's id (the
+    tile that holds it holds T - 1 too, so the tile's min and max stay those of real positions)."""
+    return tl.load(Docs + tl.minimum(offs, T - 1))
+
+
+@triton.jit
+def _share_docs(qdoc, kdoc):
+    """Whether a query tile and a key tile may share a document: their id ranges overlap. Exact
+    for any ids (no overlap means no equal pair); selective when ids grow along T (packing)."""
+    return (tl.min(kdoc, 0) <= tl.max(qdoc, 0)) & (tl.max(kdoc, 0) >= tl.min(qdoc, 0))
+
+
+@triton.jit
+def _scores(qk, qk_scale, cap, SOFTCAP: tl.constexpr):
+    """(s, t): base-2 scores from the raw dot products qk, and t for the softcap's derivative.
+    Plain: s = qk * qk_scale with qk_scale = sm_scale * log2(e) (t unused).
+    SOFTCAP: s = cap * t, t = tanh(qk * qk_scale), with qk_scale = sm_scale / softcap and
+    cap = softcap * log2(e): softcap * tanh(sm_scale * qk / softcap) in base 2."""
+    if SOFTCAP:
+        t = tanh(qk * qk_scale)
+        return cap * t, t
+    return qk * qk_scale, qk
+
+
+@triton.jit
+def _visible(rows, cols, Tq, Tk, window, qdoc, kdoc,
+             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """Whether query `rows` sees key `cols` (broadcast index tensors; qdoc and kdoc their document
+    ids, broadcast alike): the key exists; when causal j <= i + Tk - Tq (the mask aligned to the end);
+    with a window also j > i + Tk - Tq - window; with documents the same document."""
     keep = cols < Tk
     if CAUSAL:
         keep = keep & (cols <= rows + (Tk - Tq))
+    if HAS_WINDOW:
+        keep = keep & (cols > rows + (Tk - Tq) - window)
+    if HAS_DOCS:
+        keep = keep & (qdoc == kdoc)
     return keep
 
 
 @triton.jit
-def _key_range(m0, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """For the queries [m0, m0 + BLOCK_M): (full_end, hi). Key tiles in [0, full_end) are seen whole
-    by every query (no mask); tiles in [full_end, hi) need the mask; keys from hi on are seen by none.
-    Query i sees keys j < min(Tk, i + Tk - Tq + 1) when causal, j < Tk otherwise."""
+def _key_range(m0, Tq, Tk, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the queries [m0, m0 + BLOCK_M): (lo, mid_lo, mid_hi, hi). Key tiles in [mid_lo, mid_hi)
+    are seen whole by every query (no mask); tiles in [lo, mid_lo) and [mid_hi, hi) need the mask;
+    keys before lo and from hi on are seen by none (never loaded). Query i sees keys
+    j < min(Tk, i + Tk - Tq + 1) when causal and j > i + Tk - Tq - window with a window.
+    With documents every tile is masked (which keys a query sees depends on the ids)."""
+    off = Tk - Tq
     if CAUSAL:
-        off = Tk - Tq
         hi = tl.minimum(tl.maximum(m0 + BLOCK_M + off, 0), Tk)
-        full = tl.minimum(tl.maximum(m0 + off + 1, 0), Tk)
+        full_hi = tl.minimum(tl.maximum(m0 + off + 1, 0), Tk)
     else:
         hi = Tk
-        full = Tk
-    return (full // BLOCK_N) * BLOCK_N, hi
+        full_hi = Tk
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    if HAS_WINDOW:  # the first query's first key, and the first key inside every query's window
+        lo = tl.minimum((tl.maximum(m0 + off - window + 1, 0) // BLOCK_N) * BLOCK_N, hi)
+        full_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M + off - window, 0), BLOCK_N) * BLOCK_N
+        mid_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    else:
+        lo = 0
+        mid_lo = 0
+    if HAS_DOCS:
+        mid_hi = mid_lo
+    else:
+        mid_hi = tl.maximum(full_hi, mid_lo)
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _attention_fwd_tile(
+    acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_n, offs_d,
+    qdoc, kdoc, Tq, Tk, qk_scale, cap, window,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_DOCS: tl.constexpr, IN_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    """Fold the key tile offs_n into the running (acc, l, m); MASKED applies the mask."""
+    k = _load_rows(K, offs_n, offs_d, stride_kn, stride_kd, Tk, MASKED)
+    v = _load_rows(V, offs_n, offs_d, stride_vn, stride_vd, Tk, MASKED)
+    s, _t = _scores(_dot(q, tl.trans(k), IN_DTYPE, UPCAST, PREC), qk_scale, cap, SOFTCAP)
+    if MASKED:
+        keep = _visible(offs_m[:, None], offs_n[None, :], Tq, Tk, window, qdoc[:, None], kdoc[None, :],
+                        CAUSAL, HAS_WINDOW, HAS_DOCS)
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:  # a row with no visible key so far keeps m = -inf: subtract 0 instead (p = 0)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p, v, IN_DTYPE, UPCAST, PREC)
+    return acc, l_i, m_new
 
 
 @triton.jit
 def _attention_fwd_tiles(
-    acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d,
-    lo, hi, Tq, Tk, qk_scale,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, IN_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-    PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+    acc, l_i, m_i, q, K, V, Docs, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, qdoc,
+    lo, hi, Tq, Tk, qk_scale, cap, window,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_DOCS: tl.constexpr, IN_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """Fold the key tiles [lo, hi) into the running (acc, l, m); MASKED applies the key bound and
-    the causal mask (only the tiles that straddle either)."""
+    """Fold the key tiles [lo, hi) into the running (acc, l, m); with documents, tiles that share
+    no document with the query tile are skipped."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = tl.multiple_of(start_n, BLOCK_N) + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, offs_n, offs_d, stride_kn, stride_kd, Tk, MASKED)
-        v = _load_rows(V, offs_n, offs_d, stride_vn, stride_vd, Tk, MASKED)
-        s = _dot(q, tl.trans(k), IN_DTYPE, UPCAST, PREC) * qk_scale
-        if MASKED:
-            s = tl.where(_visible(offs_m[:, None], offs_n[None, :], Tq, Tk, CAUSAL), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED:  # a row with no visible key so far keeps m = -inf: subtract 0 instead (p = 0)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if HAS_DOCS:
+            kdoc = _load_docs(Docs, offs_n, Tk)
+            if _share_docs(qdoc, kdoc):
+                acc, l_i, m_i = _attention_fwd_tile(
+                    acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_n,
+                    offs_d, qdoc, kdoc, Tq, Tk, qk_scale, cap, window,
+                    MASKED, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC)
         else:
-            m_use = m_new
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p, v, IN_DTYPE, UPCAST, PREC)
-        m_i = m_new
+            acc, l_i, m_i = _attention_fwd_tile(
+                acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_n,
+                offs_d, qdoc, offs_n, Tq, Tk, qk_scale, cap, window,
+                MASKED, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC)
     return acc, l_i, m_i
 
 
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, O, Lse,
+    Q, K, V, O, Lse, Docs,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    H, Tq, Tk, qk_scale,
-    CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    stride_docb, H, GROUP, Tq, Tk, qk_scale, cap, window,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DOCS: tl.constexpr,
+    HEAD_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """One program per (query tile, batch, query head); query head h reads kv head h // GROUP."""
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)  # (b, h) offsets can pass 2**31; within a head they cannot
     b = bh // H
     h = bh % H
     Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
+    K += b * stride_kb + (h // GROUP) * stride_kh
+    V += b * stride_vb + (h // GROUP) * stride_vh
     O += b * stride_ob + h * stride_oh
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
     row_ok = offs_m < Tq
     q = _load_rows(Q, offs_m, offs_d, stride_qm, stride_qd, Tq, True)
     IN_DTYPE: tl.constexpr = Q.dtype.element_ty
+    if HAS_DOCS:
+        Docs += b * stride_docb
+        qdoc = _load_docs(Docs, offs_m, Tq)
+    else:
+        qdoc = offs_m  # unused
 
     acc = tl.zeros((BLOCK_M, HEAD_D), dtype=ACC)
     l_i = tl.zeros((BLOCK_M,), dtype=ACC)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
-    full_end, hi = _key_range(m0, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    lo, mid_lo, mid_hi, hi = _key_range(m0, Tq, Tk, window, CAUSAL, HAS_WINDOW, HAS_DOCS, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _attention_fwd_tiles(
-        acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d,
-        0, full_end, Tq, Tk, qk_scale, False, CAUSAL, IN_DTYPE, UPCAST, PREC, BLOCK_N)
+        acc, l_i, m_i, q, K, V, Docs, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, qdoc,
+        lo, mid_lo, Tq, Tk, qk_scale, cap, window,
+        True, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, BLOCK_N)
     acc, l_i, m_i = _attention_fwd_tiles(
-        acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d,
-        full_end, hi, Tq, Tk, qk_scale, True, CAUSAL, IN_DTYPE, UPCAST, PREC, BLOCK_N)
+        acc, l_i, m_i, q, K, V, Docs, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, qdoc,
+        mid_lo, mid_hi, Tq, Tk, qk_scale, cap, window,
+        False, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, BLOCK_N)
+    acc, l_i, m_i = _attention_fwd_tiles(
+        acc, l_i, m_i, q, K, V, Docs, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, qdoc,
+        mid_hi, hi, Tq, Tk, qk_scale, cap, window,
+        True, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, BLOCK_N)
 
     # A row that saw no key has l = 0: output 0, and logsumexp +inf so the backward's
     # exp2(s - lse) is 0 for it.
@@ -207,143 +293,236 @@ def _attention_bwd_delta_kernel(
     tl.store(Delta + bh * Tq + offs_m, delta, mask=row_ok)
 
 
-# With S = sm_scale * Q K^T (masked entries -inf), P = softmax(S) row-wise, O = P V, dO the output
-# gradient and delta_i = rowsum(dO * O)_i (which equals rowsum(P * dP)_i):
-#   dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = sm_scale * dS K,   dK = sm_scale * dS^T Q
-# P is recomputed as exp2(q.k * sm_scale * log2(e) - lse2) from the forward's base-2 logsumexp
-# (+inf for padding rows and rows that see no key, which makes their P exactly 0).
+# With S = sm_scale * Q K^T, optionally capped (C = softcap * tanh(S / softcap), masked entries
+# -inf), P = softmax(C) row-wise, O = P V, dO the output gradient and delta_i = rowsum(dO * O)_i
+# (which equals rowsum(P * dP)_i):
+#   dV = P^T dO,   dP = dO V^T,   dC = P * (dP - delta),   dS = dC * (1 - tanh^2(S / softcap))
+#   (dS = dC without a cap),   dQ = sm_scale * dS K,   dK = sm_scale * dS^T Q
+# P is recomputed as exp2(C * log2(e) - lse2) from the forward's base-2 logsumexp (+inf for
+# padding rows and rows that see no key, which makes their P exactly 0). With GQA a kv head's dK
+# and dV sum this over the query heads of its group, in one program, in a fixed order.
 @triton.jit
-def _query_range(n0, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """For the keys [n0, n0 + BLOCK_N): (lo, mid). Query tiles before lo see none of these keys;
-    tiles in [lo, mid) see some (causal mask needed); tiles from mid on see all of them."""
+def _query_range(n0, Tq, Tk, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the keys [n0, n0 + BLOCK_N): (lo, mid_lo, mid_hi, hi). Query tiles in [mid_lo, mid_hi)
+    see all of these keys (no mask); tiles in [lo, mid_lo) and [mid_hi, hi) see some (mask);
+    queries before lo and from hi on see none. [mid_hi, hi) may hold a last partial tile unmasked
+    is fine there: its padding rows have lse = +inf."""
+    off = Tk - Tq
     if CAUSAL:
-        off = Tk - Tq
         first = tl.minimum(tl.maximum(n0 - off, 0), Tq)  # the first query that sees key n0
         full = tl.minimum(tl.maximum(n0 + BLOCK_N - 1 - off, 0), Tq)  # ... that sees the whole tile
         lo = (first // BLOCK_M) * BLOCK_M
-        mid = tl.cdiv(full, BLOCK_M) * BLOCK_M
+        mid_lo = tl.cdiv(full, BLOCK_M) * BLOCK_M
     else:
         lo = 0
-        mid = 0
-    return lo, mid
+        mid_lo = 0
+    if HAS_WINDOW:  # query i sees key j only while i <= j - off + window - 1
+        hi = tl.minimum(tl.maximum(n0 + BLOCK_N - 1 - off + window, 0), Tq)
+        full_hi = (tl.minimum(tl.maximum(n0 - off + window, 0), Tq) // BLOCK_M) * BLOCK_M
+        mid_lo = tl.minimum(mid_lo, hi)
+        mid_hi = tl.maximum(tl.minimum(full_hi, hi), mid_lo)
+    else:
+        hi = Tq
+        mid_hi = Tq
+    if HAS_DOCS:
+        mid_hi = mid_lo
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _attention_bwd_dkdv_tile(
+    dk, dv, k, v, Q, DO, Lse, Delta, stride_qm, stride_qd, stride_dom, stride_dod, offs_m, offs_n,
+    offs_d, qdoc, kdoc, Tq, Tk, qk_scale, cap, window,
+    MASKED: tl.constexpr, EVEN_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_DOCS: tl.constexpr, IN_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Add one query tile's share to dK and dV of one key tile, working transposed (keys x queries)
+    so no probability tile is ever transposed."""
+    # Only the last tile may pass Tq (its padding rows add exactly 0): bounds-checked loads
+    # on the masked tiles and when Tq is not a multiple of the tile.
+    q = _load_rows(Q, offs_m, offs_d, stride_qm, stride_qd, Tq, MASKED or not EVEN_M)
+    do = _load_rows(DO, offs_m, offs_d, stride_dom, stride_dod, Tq, MASKED or not EVEN_M)
+    if MASKED or not EVEN_M:
+        lse = tl.load(Lse + offs_m, mask=offs_m < Tq, other=float("inf"))
+        delta = tl.load(Delta + offs_m, mask=offs_m < Tq, other=0.0)
+    else:
+        lse = tl.load(Lse + offs_m)
+        delta = tl.load(Delta + offs_m)
+    s_t, t_t = _scores(_dot(k, tl.trans(q), IN_DTYPE, UPCAST, PREC), qk_scale, cap, SOFTCAP)
+    p_t = tl.math.exp2(s_t - lse[None, :])
+    if MASKED:
+        keep = _visible(offs_m[None, :], offs_n[:, None], Tq, Tk, window, qdoc[None, :], kdoc[:, None],
+                        CAUSAL, HAS_WINDOW, HAS_DOCS)
+        p_t = tl.where(keep, p_t, 0.0)
+    dv += _dot(p_t, do, IN_DTYPE, UPCAST, PREC)
+    dp_t = _dot(v, tl.trans(do), IN_DTYPE, UPCAST, PREC)
+    ds_t = p_t * (dp_t - delta[None, :])
+    if SOFTCAP:
+        ds_t = ds_t * (1.0 - t_t * t_t)
+    dk += _dot(ds_t, q, IN_DTYPE, UPCAST, PREC)
+    return dk, dv
 
 
 @triton.jit
 def _attention_bwd_dkdv_tiles(
-    dk, dv, k, v, Q, DO, Lse, Delta, stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d,
-    lo, hi, Tq, Tk, qk_scale,
-    MASKED: tl.constexpr, EVEN_M: tl.constexpr, IN_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    dk, dv, k, v, Q, DO, Lse, Delta, Docs, stride_qm, stride_qd, stride_dom, stride_dod, offs_n,
+    offs_d, kdoc, lo, hi, Tq, Tk, qk_scale, cap, window,
+    MASKED: tl.constexpr, EVEN_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_DOCS: tl.constexpr, IN_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
     PREC: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Accumulate dK and dV of one key tile over the query tiles [lo, hi), working transposed
-    (keys x queries) so no probability tile is ever transposed. MASKED applies the causal mask."""
+    """Accumulate dK and dV of one key tile over the query tiles [lo, hi) of one query head; with
+    documents, query tiles that share no document with the key tile are skipped."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = tl.multiple_of(start_m, BLOCK_M) + tl.arange(0, BLOCK_M)
-        # Only the last tile may pass Tq (its padding rows add exactly 0): bounds-checked loads
-        # on the diagonal tiles and when Tq is not a multiple of the tile.
-        q = _load_rows(Q, offs_m, offs_d, stride_qm, stride_qd, Tq, MASKED or not EVEN_M)
-        do = _load_rows(DO, offs_m, offs_d, stride_dom, stride_dod, Tq, MASKED or not EVEN_M)
-        if MASKED or not EVEN_M:
-            lse = tl.load(Lse + offs_m, mask=offs_m < Tq, other=float("inf"))
-            delta = tl.load(Delta + offs_m, mask=offs_m < Tq, other=0.0)
+        if HAS_DOCS:
+            qdoc = _load_docs(Docs, offs_m, Tq)
+            if _share_docs(qdoc, kdoc):
+                dk, dv = _attention_bwd_dkdv_tile(
+                    dk, dv, k, v, Q, DO, Lse, Delta, stride_qm, stride_qd, stride_dom, stride_dod, offs_m,
+                    offs_n, offs_d, qdoc, kdoc, Tq, Tk, qk_scale, cap, window,
+                    MASKED, EVEN_M, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC)
         else:
-            lse = tl.load(Lse + offs_m)
-            delta = tl.load(Delta + offs_m)
-        p_t = tl.math.exp2(_dot(k, tl.trans(q), IN_DTYPE, UPCAST, PREC) * qk_scale - lse[None, :])
-        if MASKED:
-            p_t = tl.where(_visible(offs_m[None, :], offs_n[:, None], Tq, Tk, True), p_t, 0.0)
-        dv += _dot(p_t, do, IN_DTYPE, UPCAST, PREC)
-        dp_t = _dot(v, tl.trans(do), IN_DTYPE, UPCAST, PREC)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += _dot(ds_t, q, IN_DTYPE, UPCAST, PREC)
+            dk, dv = _attention_bwd_dkdv_tile(
+                dk, dv, k, v, Q, DO, Lse, Delta, stride_qm, stride_qd, stride_dom, stride_dod, offs_m,
+                offs_n, offs_d, offs_m, kdoc, Tq, Tk, qk_scale, cap, window,
+                MASKED, EVEN_M, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC)
     return dk, dv
 
 
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV,
+    Q, K, V, DO, Lse, Delta, DK, DV, Docs,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    H, Tq, Tk, qk_scale, sm_scale,
-    CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, HEAD_D: tl.constexpr, UPCAST: tl.constexpr,
+    stride_docb, H, GROUP, Tq, Tk, qk_scale, sm_scale, cap, window,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DOCS: tl.constexpr,
+    EVEN_M: tl.constexpr, HEAD_D: tl.constexpr, UPCAST: tl.constexpr,
     PREC: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program per (key tile, batch, head): dK and dV of BLOCK_N keys. DK and DV share strides."""
+    """One program per (key tile, batch, kv head): dK and dV of BLOCK_N keys, summed over the GROUP
+    query heads that read this kv head (one after the other: deterministic, no atomics).
+    DK and DV share strides."""
     n0 = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    DO += b * stride_dob + h * stride_doh
-    Lse += bh * Tq
-    Delta += bh * Tq
+    bhk = tl.program_id(1).to(tl.int64)
+    H_KV = H // GROUP
+    b = bhk // H_KV
+    hk = bhk % H_KV
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_D)
     key_ok = offs_n[:, None] < Tk
     k = _load_rows(K, offs_n, offs_d, stride_kn, stride_kd, Tk, True)
     v = _load_rows(V, offs_n, offs_d, stride_vn, stride_vd, Tk, True)
     IN_DTYPE: tl.constexpr = Q.dtype.element_ty
+    if HAS_DOCS:
+        Docs += b * stride_docb
+        kdoc = _load_docs(Docs, offs_n, Tk)
+    else:
+        kdoc = offs_n  # unused
 
     dk = tl.zeros((BLOCK_N, HEAD_D), dtype=ACC)
     dv = tl.zeros((BLOCK_N, HEAD_D), dtype=ACC)
-    lo, mid = _query_range(n0, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
-    dk, dv = _attention_bwd_dkdv_tiles(
-        dk, dv, k, v, Q, DO, Lse, Delta, stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d,
-        lo, mid, Tq, Tk, qk_scale, True, EVEN_M, IN_DTYPE, UPCAST, PREC, BLOCK_M)
-    dk, dv = _attention_bwd_dkdv_tiles(
-        dk, dv, k, v, Q, DO, Lse, Delta, stride_qm, stride_qd, stride_dom, stride_dod, offs_n, offs_d,
-        mid, Tq, Tq, Tk, qk_scale, False, EVEN_M, IN_DTYPE, UPCAST, PREC, BLOCK_M)
+    lo, mid_lo, mid_hi, hi = _query_range(n0, Tq, Tk, window, CAUSAL, HAS_WINDOW, HAS_DOCS, BLOCK_M, BLOCK_N)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        Qh = Q + b * stride_qb + h * stride_qh
+        DOh = DO + b * stride_dob + h * stride_doh
+        Lse_h = Lse + (b * H + h) * Tq
+        Delta_h = Delta + (b * H + h) * Tq
+        dk, dv = _attention_bwd_dkdv_tiles(
+            dk, dv, k, v, Qh, DOh, Lse_h, Delta_h, Docs, stride_qm, stride_qd, stride_dom, stride_dod,
+            offs_n, offs_d, kdoc, lo, mid_lo, Tq, Tk, qk_scale, cap, window,
+            True, EVEN_M, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, BLOCK_M)
+        dk, dv = _attention_bwd_dkdv_tiles(
+            dk, dv, k, v, Qh, DOh, Lse_h, Delta_h, Docs, stride_qm, stride_qd, stride_dom, stride_dod,
+            offs_n, offs_d, kdoc, mid_lo, mid_hi, Tq, Tk, qk_scale, cap, window,
+            False, EVEN_M, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, BLOCK_M)
+        dk, dv = _attention_bwd_dkdv_tiles(
+            dk, dv, k, v, Qh, DOh, Lse_h, Delta_h, Docs, stride_qm, stride_qd, stride_dom, stride_dod,
+            offs_n, offs_d, kdoc, mid_hi, hi, Tq, Tk, qk_scale, cap, window,
+            True, EVEN_M, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, BLOCK_M)
 
-    out = b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    out = b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=key_ok)
 
 
 @triton.jit
-def _attention_bwd_dq_tiles(
-    dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d,
-    lo, hi, Tq, Tk, qk_scale,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, IN_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-    PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+def _attention_bwd_dq_tile(
+    dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_n, offs_d,
+    qdoc, kdoc, Tq, Tk, qk_scale, cap, window,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_DOCS: tl.constexpr, IN_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Accumulate dQ of one query tile over the key tiles [lo, hi); MASKED as in the forward."""
+    """Add one key tile's share to dQ of one query tile; MASKED as in the forward."""
+    k = _load_rows(K, offs_n, offs_d, stride_kn, stride_kd, Tk, MASKED)
+    v = _load_rows(V, offs_n, offs_d, stride_vn, stride_vd, Tk, MASKED)
+    s, t = _scores(_dot(q, tl.trans(k), IN_DTYPE, UPCAST, PREC), qk_scale, cap, SOFTCAP)
+    p = tl.math.exp2(s - lse[:, None])
+    if MASKED:
+        keep = _visible(offs_m[:, None], offs_n[None, :], Tq, Tk, window, qdoc[:, None], kdoc[None, :],
+                        CAUSAL, HAS_WINDOW, HAS_DOCS)
+        p = tl.where(keep, p, 0.0)
+    dp = _dot(do, tl.trans(v), IN_DTYPE, UPCAST, PREC)
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return dq + _dot(ds, k, IN_DTYPE, UPCAST, PREC)
+
+
+@triton.jit
+def _attention_bwd_dq_tiles(
+    dq, q, do, lse, delta, K, V, Docs, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d,
+    qdoc, lo, hi, Tq, Tk, qk_scale, cap, window,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_DOCS: tl.constexpr, IN_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Accumulate dQ of one query tile over the key tiles [lo, hi); skipping as in the forward."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = tl.multiple_of(start_n, BLOCK_N) + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, offs_n, offs_d, stride_kn, stride_kd, Tk, MASKED)
-        v = _load_rows(V, offs_n, offs_d, stride_vn, stride_vd, Tk, MASKED)
-        p = tl.math.exp2(_dot(q, tl.trans(k), IN_DTYPE, UPCAST, PREC) * qk_scale - lse[:, None])
-        if MASKED:
-            p = tl.where(_visible(offs_m[:, None], offs_n[None, :], Tq, Tk, CAUSAL), p, 0.0)
-        dp = _dot(do, tl.trans(v), IN_DTYPE, UPCAST, PREC)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds, k, IN_DTYPE, UPCAST, PREC)
+        if HAS_DOCS:
+            kdoc = _load_docs(Docs, offs_n, Tk)
+            if _share_docs(qdoc, kdoc):
+                dq = _attention_bwd_dq_tile(
+                    dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_m,
+                    offs_n, offs_d, qdoc, kdoc, Tq, Tk, qk_scale, cap, window,
+                    MASKED, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC)
+        else:
+            dq = _attention_bwd_dq_tile(
+                dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_m,
+                offs_n, offs_d, qdoc, offs_n, Tq, Tk, qk_scale, cap, window,
+                MASKED, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC)
     return dq
 
 
 @triton.jit
 def _attention_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ,
+    Q, K, V, DO, Lse, Delta, DQ, Docs,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, Tq, Tk, qk_scale, sm_scale,
-    CAUSAL: tl.constexpr, HEAD_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    stride_docb, H, GROUP, Tq, Tk, qk_scale, sm_scale, cap, window,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DOCS: tl.constexpr,
+    HEAD_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program per (query tile, batch, head): dQ of BLOCK_M queries."""
+    """One program per (query tile, batch, query head): dQ of BLOCK_M queries."""
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
+    K += b * stride_kb + (h // GROUP) * stride_kh
+    V += b * stride_vb + (h // GROUP) * stride_vh
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
     row_ok = offs_m < Tq
@@ -352,15 +531,23 @@ def _attention_bwd_dq_kernel(
     lse = tl.load(Lse + bh * Tq + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + bh * Tq + offs_m, mask=row_ok, other=0.0)
     IN_DTYPE: tl.constexpr = Q.dtype.element_ty
+    if HAS_DOCS:
+        Docs += b * stride_docb
+        qdoc = _load_docs(Docs, offs_m, Tq)
+    else:
+        qdoc = offs_m  # unused
 
     dq = tl.zeros((BLOCK_M, HEAD_D), dtype=ACC)
-    full_end, hi = _key_range(m0, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                                 offs_m, offs_d, 0, full_end, Tq, Tk, qk_scale,
-                                 False, CAUSAL, IN_DTYPE, UPCAST, PREC, BLOCK_N)
-    dq = _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                                 offs_m, offs_d, full_end, hi, Tq, Tk, qk_scale,
-                                 True, CAUSAL, IN_DTYPE, UPCAST, PREC, BLOCK_N)
+    lo, mid_lo, mid_hi, hi = _key_range(m0, Tq, Tk, window, CAUSAL, HAS_WINDOW, HAS_DOCS, BLOCK_M, BLOCK_N)
+    dq = _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, Docs, stride_kn, stride_kd, stride_vn, stride_vd,
+                                 offs_m, offs_d, qdoc, lo, mid_lo, Tq, Tk, qk_scale, cap, window,
+                                 True, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, BLOCK_N)
+    dq = _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, Docs, stride_kn, stride_kd, stride_vn, stride_vd,
+                                 offs_m, offs_d, qdoc, mid_lo, mid_hi, Tq, Tk, qk_scale, cap, window,
+                                 False, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, BLOCK_N)
+    dq = _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, Docs, stride_kn, stride_kd, stride_vn, stride_vd,
+                                 offs_m, offs_d, qdoc, mid_hi, hi, Tq, Tk, qk_scale, cap, window,
+                                 True, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, BLOCK_N)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
@@ -385,7 +572,7 @@ def _tuned(kernel, kind, head_d, dtype, bucket_q, bucket_k):
     """An autotuner over cuda_configs for one kernel, head dim, dtype and pair of length buckets."""
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                for bm, bn, w, s in cuda_configs(kind, head_d, dtype)]
-    return triton.autotune(configs, key=["CAUSAL"])(kernel)
+    return triton.autotune(configs, key=["CAUSAL", "HAS_WINDOW", "SOFTCAP", "HAS_DOCS"])(kernel)
 
 
 def _launch(kernel, kind, grid, args, constexprs, Tq, Tk):
@@ -416,23 +603,37 @@ def _strides(*tensors):
     return [s for t in tensors for s in t.stride()]
 
 
-def _attention_fwd(q, k, v, causal, sm_scale):
+def _options(q, causal, sm_scale, window, softcap, doc_ids):
+    """(scalars, constexprs) every kernel but delta takes: scalars = (docs, stride_docb, qk_scale,
+    cap, window) as _scores and _visible read them (docs: int64 ids, or None)."""
+    if softcap is None:
+        qk_scale, cap = sm_scale * LOG2E, 0.0
+    else:
+        qk_scale, cap = sm_scale / softcap, softcap * LOG2E
+    docs = None if doc_ids is None else doc_ids.to(torch.int64).contiguous()
+    scalars = (docs, 0 if docs is None else docs.stride(0), qk_scale, cap, 0 if window is None else window)
+    constexprs = dict(CAUSAL=causal, HAS_WINDOW=window is not None, SOFTCAP=softcap is not None,
+                      HAS_DOCS=doc_ids is not None, HEAD_D=q.shape[3], **_dot_options(q.dtype))
+    return scalars, constexprs
+
+
+def _attention_fwd(q, k, v, causal, sm_scale, window, softcap, doc_ids):
     """(o, lse): the output (q's dtype, _empty_bthd layout) and the base-2 logsumexp (B, H, Tq),
     fp32 (fp64 for fp64 inputs)."""
     B, H, Tq, D = q.shape
-    Tk = k.shape[2]
+    H_kv, Tk = k.shape[1], k.shape[2]
     o = _empty_bthd(B, H, Tq, D, q)
     lse = torch.empty((B, H, Tq), dtype=acc_torch_dtype(q.dtype), device=q.device)
-    args = (q, k, v, o, lse, *_strides(q, k, v, o), H, Tq, Tk, sm_scale * LOG2E)
-    _launch(_attention_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(Tq, bm), B * H), args,
-            dict(CAUSAL=causal, HEAD_D=D, **_dot_options(q.dtype)), Tq, Tk)
+    (docs, stride_docb, qk_scale, cap, win), constexprs = _options(q, causal, sm_scale, window, softcap, doc_ids)
+    args = (q, k, v, o, lse, docs, *_strides(q, k, v, o), stride_docb, H, H // H_kv, Tq, Tk, qk_scale, cap, win)
+    _launch(_attention_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(Tq, bm), B * H), args, constexprs, Tq, Tk)
     return o, lse
 
 
-def _attention_bwd(do, q, k, v, o, lse, causal, sm_scale):
-    """(dq, dk, dv) in the inputs' dtype, each in _empty_bthd layout."""
+def _attention_bwd(do, q, k, v, o, lse, causal, sm_scale, window, softcap, doc_ids):
+    """(dq, dk, dv) in the inputs' dtype, each in _empty_bthd layout (dk, dv with k's heads)."""
     B, H, Tq, D = q.shape
-    Tk = k.shape[2]
+    H_kv, Tk = k.shape[1], k.shape[2]
     do = do.to(q.dtype)
     if _slice_span(do) >= 2**31:  # an upstream gradient with huge strides: 32-bit offsets need a copy
         do = do.contiguous()
@@ -440,19 +641,19 @@ def _attention_bwd(do, q, k, v, o, lse, causal, sm_scale):
     _attention_bwd_delta_kernel[(triton.cdiv(Tq, DELTA_BLOCK_M), B * H)](
         o, do, delta, *_strides(o, do), H, Tq, HEAD_D=D, ACC=acc_dtype(q.dtype), BLOCK_M=DELTA_BLOCK_M)
     dq = _empty_bthd(B, H, Tq, D, q)
-    dk = _empty_bthd(B, H, Tk, D, k)
-    dv = _empty_bthd(B, H, Tk, D, v)
-    scales = (H, Tq, Tk, sm_scale * LOG2E, sm_scale)
-    options = dict(CAUSAL=causal, HEAD_D=D, **_dot_options(q.dtype))
+    dk = _empty_bthd(B, H_kv, Tk, D, k)
+    dv = _empty_bthd(B, H_kv, Tk, D, v)
+    (docs, stride_docb, qk_scale, cap, win), options = _options(q, causal, sm_scale, window, softcap, doc_ids)
+    scalars = (stride_docb, H, H // H_kv, Tq, Tk, qk_scale, sm_scale, cap, win)
     # EVEN_M is fixed per launch, before autotuning picks BLOCK_M: it holds when Tq is a multiple
     # of every query tile a dK/dV config may use.
     configs = [INTERPRET_CONFIG["dkdv"]] if interpreting() else cuda_configs("dkdv", D, q.dtype)
     even_m = all(Tq % bm == 0 for bm, *_ in configs)
-    _launch(_attention_bwd_dkdv_kernel, "dkdv", lambda bm, bn: (triton.cdiv(Tk, bn), B * H),
-            (q, k, v, do, lse, delta, dk, dv, *_strides(q, k, v, do, dk), *scales),
+    _launch(_attention_bwd_dkdv_kernel, "dkdv", lambda bm, bn: (triton.cdiv(Tk, bn), B * H_kv),
+            (q, k, v, do, lse, delta, dk, dv, docs, *_strides(q, k, v, do, dk), *scalars),
             dict(options, EVEN_M=even_m), Tq, Tk)
     _launch(_attention_bwd_dq_kernel, "dq", lambda bm, bn: (triton.cdiv(Tq, bm), B * H),
-            (q, k, v, do, lse, delta, dq, *_strides(q, k, v, do, dq), *scales), options, Tq, Tk)
+            (q, k, v, do, lse, delta, dq, docs, *_strides(q, k, v, do, dq), *scalars), options, Tq, Tk)
     return dq, dk, dv
 
 
@@ -460,43 +661,46 @@ def _attention_bwd(do, q, k, v, o, lse, causal, sm_scale):
 
 @torch.library.custom_op("tritongpt::flash_attention_fwd", mutates_args=())
 def flash_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                           sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _attention_fwd(q, k, v, causal, sm_scale)
+                           sm_scale: float, window: Optional[int] = None, softcap: Optional[float] = None,
+                           doc_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attention_fwd(q, k, v, causal, sm_scale, window, softcap, doc_ids)
 
 
 @flash_attention_fwd_op.register_fake
-def _(q, k, v, causal, sm_scale):
+def _(q, k, v, causal, sm_scale, window=None, softcap=None, doc_ids=None):
     B, H, Tq, D = q.shape
     return _empty_bthd(B, H, Tq, D, q), q.new_empty((B, H, Tq), dtype=acc_torch_dtype(q.dtype))
 
 
 @torch.library.custom_op("tritongpt::flash_attention_bwd", mutates_args=())
 def flash_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           o: torch.Tensor, lse: torch.Tensor, causal: bool,
-                           sm_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _attention_bwd(do, q, k, v, o, lse, causal, sm_scale)
+                           o: torch.Tensor, lse: torch.Tensor, causal: bool, sm_scale: float,
+                           window: Optional[int] = None, softcap: Optional[float] = None,
+                           doc_ids: Optional[torch.Tensor] = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attention_bwd(do, q, k, v, o, lse, causal, sm_scale, window, softcap, doc_ids)
 
 
 @flash_attention_bwd_op.register_fake
-def _(do, q, k, v, o, lse, causal, sm_scale):
+def _(do, q, k, v, o, lse, causal, sm_scale, window=None, softcap=None, doc_ids=None):
     B, H, Tq, D = q.shape
-    Tk = k.shape[2]
-    return _empty_bthd(B, H, Tq, D, q), _empty_bthd(B, H, Tk, D, k), _empty_bthd(B, H, Tk, D, v)
+    H_kv, Tk = k.shape[1], k.shape[2]
+    return _empty_bthd(B, H, Tq, D, q), _empty_bthd(B, H_kv, Tk, D, k), _empty_bthd(B, H_kv, Tk, D, v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, sm_scale = inputs
+    q, k, v, causal, sm_scale, window, softcap, doc_ids = inputs
     o, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, o, lse)
-    ctx.causal = causal
-    ctx.sm_scale = sm_scale
+    ctx.save_for_backward(q, k, v, o, lse, doc_ids)
+    ctx.options = (causal, sm_scale, window, softcap)
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = flash_attention_bwd_op(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale)
-    return dq, dk, dv, None, None
+    q, k, v, o, lse, doc_ids = ctx.saved_tensors
+    causal, sm_scale, window, softcap = ctx.options
+    dq, dk, dv = flash_attention_bwd_op(do, q, k, v, o, lse, causal, sm_scale, window, softcap, doc_ids)
+    return dq, dk, dv, None, None, None, None, None
 
 
 flash_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -510,7 +714,7 @@ def _slice_span(t):
 
 
 def _check_inputs(q, k, v, causal, sm_scale):
-    """Validate everything before any launch; return sm_scale as a float."""
+    """Validate q, k, v, causal and sm_scale before any launch; return sm_scale as a float."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, dtypes=DTYPES)
         if t.dim() != 4:
@@ -521,8 +725,9 @@ def _check_inputs(q, k, v, causal, sm_scale):
     B, H, Tq, D = q.shape
     if D not in HEAD_DIMS:
         raise ValueError(f"q's head dim (last dimension) must be one of {HEAD_DIMS}, got {D}")
-    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
-        raise ValueError(f"k must have shape ({B}, {H}, Tk, {D}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if k.shape[0] != B or k.shape[3] != D or k.shape[1] < 1 or H % k.shape[1] != 0:
+        raise ValueError(f"k must have shape ({B}, H_kv, Tk, {D}) with H_kv dividing q's {H} heads "
+                         f"to match q {tuple(q.shape)}, got {tuple(k.shape)}")
     if tuple(v.shape) != tuple(k.shape):
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     if min(B, H, Tq, k.shape[2]) < 1:
@@ -540,19 +745,56 @@ def _check_inputs(q, k, v, causal, sm_scale):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     if sm_scale is not None and not math.isfinite(real_number("sm_scale", sm_scale)):
         raise TypeError(f"sm_scale must be a finite number or None, got {sm_scale!r}")
-    check_device({"q": q, "k": k, "v": v})
     return 1.0 / math.sqrt(D) if sm_scale is None else real_number("sm_scale", sm_scale)
 
 
-def flash_attention(q, k, v, causal=True, sm_scale=None):
-    """Attention in Triton: F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=sm_scale).
+def _check_features(q, k, causal, window, softcap, doc_ids):
+    """Validate window, softcap and doc_ids; return (window as an int, softcap as a float), None kept."""
+    if window is not None:
+        window = integer("window", window)
+        if window < 1 or window >= 2**31:
+            raise ValueError(f"window must be at least 1 (and below 2**31), got {window}")
+        if not causal:
+            raise ValueError("window needs causal=True (it keeps the most recent visible keys)")
+    if softcap is not None:
+        softcap = real_number("softcap", softcap)  # TypeError for a non-number (NumPy numbers are fine)
+        if not (math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"softcap must be finite and > 0, got {softcap}")
+    if doc_ids is not None:
+        if not isinstance(doc_ids, torch.Tensor):
+            raise TypeError(f"doc_ids must be a torch.Tensor or None, got {type(doc_ids).__name__}")
+        if doc_ids.dtype.is_floating_point or doc_ids.dtype.is_complex or doc_ids.dtype == torch.bool:
+            raise TypeError(f"doc_ids must have an integer dtype, got {doc_ids.dtype}")
+        B, _, Tq, _ = q.shape
+        if tuple(doc_ids.shape) != (B, Tq):
+            raise ValueError(f"doc_ids must have shape (B, T) = {(B, Tq)}, got {tuple(doc_ids.shape)}")
+        if k.shape[2] != Tq:
+            raise ValueError(f"doc_ids needs as many keys as queries (Tq == Tk), got Tq={Tq}, Tk={k.shape[2]}")
+    return window, softcap
 
-    q: (B, H, Tq, D); k, v: (B, H, Tk, D); one dtype (fp16, bf16, fp32 or fp64), D in {16, 32, 64, 128},
-    any strides (no copies). sm_scale defaults to 1 / sqrt(D). With causal=True and Tq != Tk the
-    mask is aligned to the end: query i sees the keys j <= i + Tk - Tq (SDPA aligns it to the
-    start); a query that sees no key (only possible when Tq > Tk) gets 0, not nan, and no gradient.
+
+def flash_attention(q, k, v, causal=True, sm_scale=None, *, window=None, softcap=None, doc_ids=None):
+    """Attention in Triton: F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=sm_scale),
+    plus GQA, a sliding window, softcapped scores and document masking (== kernels.reference's).
+
+    q: (B, H, Tq, D); k, v: (B, H_kv, Tk, D) with H % H_kv == 0 (GQA/MQA: query head h reads kv
+    head h // (H // H_kv)); one dtype (fp16, bf16, fp32 or fp64), D in {16, 32, 64, 128}, any
+    strides (no copies). sm_scale defaults to 1 / sqrt(D). With causal=True and Tq != Tk the mask
+    is aligned to the end: query i sees the keys j <= i + Tk - Tq (SDPA aligns it to the start);
+    a query that sees no key (only possible when Tq > Tk) gets 0, not nan, and no gradient.
+    window (int >= 1, causal only): query i sees only keys j > i + Tk - Tq - window, the `window`
+    most recent visible ones (itself included); key tiles outside every query's window are not read.
+    softcap (float > 0): scores s = sm_scale * q.k become softcap * tanh(s / softcap).
+    doc_ids ((B, T) integers, Tq == Tk): query i sees key j only if doc_ids[b, i] == doc_ids[b, j]
+    (and the other masks allow it). Any ids are right; key tiles whose id range does not overlap
+    the query tile's are skipped, so ids that do not decrease along T (packed documents) make a
+    batch of short documents proportionally cheaper. With a window and documents the window counts
+    positions, which is the `window` most recent keys of the document when documents are contiguous.
     Returns q's dtype and shape, laid out as (B, Tq, H, D) memory. Differentiable in q, k and v
-    (first order); the backward is deterministic. No dropout, no other masks.
+    (first order); the backward is deterministic (a kv head's dK, dV sum its group in a fixed order).
+    No dropout, no arbitrary masks.
     """
     sm_scale = _check_inputs(q, k, v, causal, sm_scale)
-    return flash_attention_fwd_op(q, k, v, causal, sm_scale)[0]
+    window, softcap = _check_features(q, k, causal, window, softcap, doc_ids)
+    check_device({"q": q, "k": k, "v": v, "doc_ids": doc_ids})
+    return flash_attention_fwd_op(q, k, v, causal, sm_scale, window, softcap, doc_ids)[0]

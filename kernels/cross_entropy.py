@@ -27,7 +27,8 @@ each chunk's logits (one extra matmul).
 Options follow F.cross_entropy: any ignore_index (such rows lose 0 and get a zero gradient),
 reduction "mean" (sum over the kept rows / their count, counted on device: every row ignored
 gives nan and a zero gradient, as PyTorch), "sum", "none"; label_smoothing eps in [0, 1]:
-loss = (1 - eps) * (lse - x_target) + eps * (lse - mean(x)). The loss is fp32 (fp64 for fp64
+loss = (1 - eps) * (lse - x_target) + eps * (lse - mean(x)); z_loss z adds z * lse^2 per kept row
+(PaLM); softcap c first maps the logits to c * tanh(x / c) (Gemma 2). The loss is fp32 (fp64 for fp64
 logits, which compute in fp64, for gradcheck).
 
 Target range policy: PyTorch raises on a target outside [0, V) that is not ignore_index. Checking
@@ -37,6 +38,7 @@ such a row gets a nan loss and a nan gradient row, so the error shows instead of
 answer (no host sync in forward or backward, as DESIGN.md asks).
 Limits: logits (N, V) and x (N, C) 2-D, any strides; row and element offsets are int64.
 """
+import math
 from typing import Optional
 
 import torch
@@ -44,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ._utils import acc_dtype, acc_torch_dtype, check_device, check_tensor, integer, needs_grad, or_empty, \
-    real_number
+    real_number, tanh
 
 # Largest (rows x V) logits chunk linear_cross_entropy materialises, in bytes of x's dtype.
 CHUNK_BYTES = 256 * 2**20
@@ -52,21 +54,38 @@ BLOCK_V_MAX = 4096
 REDUCTIONS = ("mean", "sum", "none")
 
 
-# With p = softmax(x), t the target and eps the label smoothing, a kept row's gradient is
-#   d loss / d x_c = p_c - (1 - eps) * [c == t] - eps / V,
+# With y = softcap * tanh(x / softcap) (y = x without a cap), p = softmax(y), lse its
+# logsumexp, t the target, eps the label smoothing and z the z-loss weight, a kept row's loss
+# (1 - eps) (lse - y_t) + eps (lse - mean(y)) + z lse^2 has the gradient
+#   d loss / d y_c = p_c (1 + 2 z lse) - (1 - eps) * [c == t] - eps / V,
+#   d loss / d x_c = d loss / d y_c * (1 - tanh^2(x_c / softcap))   (with a cap),
 # scaled by the row's upstream gradient; ignored rows get 0, rows with a bad target nan.
 @triton.jit
+def _capped(x, softcap, SOFTCAP: tl.constexpr):
+    """(y, t): the logits after the cap, softcap * tanh(x / softcap), and t = that tanh (t unused
+    without a cap, where y = x)."""
+    if SOFTCAP:
+        t = tanh(x / softcap)
+        return softcap * t, t
+    return x, x
+
+
+@triton.jit
 def _cross_entropy_grad_row(
-    X, G, stride_xv, stride_gv, V, m, log_s, target, scale, valid, bad, smoothing,
-    ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+    X, G, stride_xv, stride_gv, V, m, log_s, target, scale, valid, bad, smoothing, z_loss, softcap,
+    SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """One row's gradient pass; X and G already point at the row (G may be X: same program)."""
     for start in range(0, V, BLOCK_V):
         cols = (start + tl.arange(0, BLOCK_V)).to(tl.int64)
         mask = cols < V
-        x = tl.load(X + cols * stride_xv, mask=mask, other=0.0).to(ACC)
-        p = tl.exp((x - m) - log_s)  # the softmax, rounded as PyTorch's
+        y, t = _capped(tl.load(X + cols * stride_xv, mask=mask, other=0.0).to(ACC), softcap, SOFTCAP)
+        p = tl.exp((y - m) - log_s)  # the softmax, rounded as PyTorch's
+        if Z_LOSS:
+            p = p * (1.0 + 2.0 * z_loss * (m + log_s))
         g = p - smoothing / V - tl.where(cols == target, 1.0 - smoothing, 0.0)
+        if SOFTCAP:
+            g = g * (1.0 - t * t)
         g = tl.where(valid, g * scale, 0.0)
         g = tl.where(bad, float("nan"), g)
         tl.store(G + cols * stride_gv, g.to(G.dtype.element_ty), mask=mask)
@@ -84,12 +103,13 @@ def _target_state(T, row, stride_t, V, ignore_index):
 def _cross_entropy_fwd_kernel(
     X, T, Loss, Stats, G, Scale,
     stride_xm, stride_xv, stride_t, stride_gm, stride_gv, stride_s,
-    V, ignore_index, smoothing: "fp64",
+    V, ignore_index, smoothing: "fp64", z_loss: "fp64", softcap: "fp64",
     STORE_STATS: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+    SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # row * stride can pass 2**31
-    smoothing = tl.full([], smoothing, ACC)  # passed as fp64: an fp32 argument would round it
+    # passed as fp64 (an fp32 argument would round them for fp64 logits), computed in ACC
+    smoothing, z_loss, softcap = tl.full([], smoothing, ACC), tl.full([], z_loss, ACC), tl.full([], softcap, ACC)
     X += row * stride_xm
     target, valid, bad = _target_state(T, row, stride_t, V, ignore_index)
     m = tl.full([], float("-inf"), ACC)
@@ -99,16 +119,20 @@ def _cross_entropy_fwd_kernel(
         cols = (start + tl.arange(0, BLOCK_V)).to(tl.int64)
         mask = cols < V
         x = tl.load(X + cols * stride_xv, mask=mask, other=float("-inf")).to(ACC)
+        if SOFTCAP:  # padding columns stay -inf (the cap would make them -softcap)
+            x = tl.where(mask, _capped(x, softcap, SOFTCAP)[0], float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
         if HAS_SMOOTHING:
             x_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
     log_s = tl.log(s)  # logsumexp = m + log_s, kept apart: x - m is exact where it matters
-    x_t = tl.load(X + target * stride_xv, mask=valid & ~bad, other=0.0).to(ACC)
+    x_t = _capped(tl.load(X + target * stride_xv, mask=valid & ~bad, other=0.0).to(ACC), softcap, SOFTCAP)[0]
     loss = ((m - x_t) + log_s) * (1.0 - smoothing)  # as PyTorch: (1 - eps) * nll + eps * mean(-log p)
     if HAS_SMOOTHING:
         loss += smoothing * ((m - x_sum / V) + log_s)
+    if Z_LOSS:
+        loss += z_loss * (m + log_s) * (m + log_s)
     loss = tl.where(valid, loss, 0.0)
     tl.store(Loss + row, tl.where(bad, float("nan"), loss))
     if STORE_STATS:
@@ -117,24 +141,25 @@ def _cross_entropy_fwd_kernel(
     if WRITE_GRAD:
         scale = tl.load(Scale + row * stride_s).to(ACC)
         _cross_entropy_grad_row(X, G + row * stride_gm, stride_xv, stride_gv, V, m, log_s, target,
-                                scale, valid, bad, smoothing, ACC, BLOCK_V)
+                                scale, valid, bad, smoothing, z_loss, softcap, SOFTCAP, Z_LOSS, ACC, BLOCK_V)
 
 
 @triton.jit
 def _cross_entropy_bwd_kernel(
     X, T, Stats, G, Scale,
     stride_xm, stride_xv, stride_t, stride_gm, stride_gv, stride_s,
-    V, ignore_index, smoothing: "fp64",
-    ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+    V, ignore_index, smoothing: "fp64", z_loss: "fp64", softcap: "fp64",
+    SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    smoothing = tl.full([], smoothing, ACC)
+    smoothing, z_loss, softcap = tl.full([], smoothing, ACC), tl.full([], z_loss, ACC), tl.full([], softcap, ACC)
     target, valid, bad = _target_state(T, row, stride_t, V, ignore_index)
     m = tl.load(Stats + 2 * row)
     log_s = tl.load(Stats + 2 * row + 1)
     scale = tl.load(Scale + row * stride_s).to(ACC)
     _cross_entropy_grad_row(X + row * stride_xm, G + row * stride_gm, stride_xv, stride_gv, V, m,
-                            log_s, target, scale, valid, bad, smoothing, ACC, BLOCK_V)
+                            log_s, target, scale, valid, bad, smoothing, z_loss, softcap, SOFTCAP, Z_LOSS,
+                            ACC, BLOCK_V)
 
 
 def _block_v(V):
@@ -159,6 +184,15 @@ def _check_options(targets, N, ignore_index, reduction, label_smoothing):
     return ignore_index, float(label_smoothing)
 
 
+def _check_extras(z_loss, softcap):
+    """z_loss: a finite number >= 0; softcap: None or a finite number > 0."""
+    if not (math.isfinite(real_number("z_loss", z_loss)) and z_loss >= 0):
+        raise ValueError(f"z_loss must be finite and >= 0, got {z_loss}")
+    if softcap is not None:
+        if not (math.isfinite(real_number("softcap", softcap)) and softcap > 0):
+            raise ValueError(f"softcap must be finite and > 0, got {softcap}")
+
+
 def _check_target_range(targets, V, ignore_index):
     """On CPU tensors (no device sync): ValueError for a target outside [0, V) that is not
     ignore_index. CUDA targets are checked in the kernel instead (nan loss), see the docstring.
@@ -172,16 +206,17 @@ def _check_target_range(targets, V, ignore_index):
                          f"got {targets[bad][0].item()}")
 
 
-def _check_ce_inputs(logits, targets, ignore_index, reduction, label_smoothing):
+def _check_ce_inputs(logits, targets, ignore_index, reduction, label_smoothing, z_loss, softcap):
     check_tensor("logits", logits)
     if logits.dim() != 2 or logits.shape[1] == 0:
         raise ValueError(f"logits must have shape (N, V) with V >= 1, got {tuple(logits.shape)}")
     options = _check_options(targets, logits.shape[0], ignore_index, reduction, label_smoothing)
+    _check_extras(z_loss, softcap)
     check_device({"logits": logits, "targets": targets})
     return options
 
 
-def _check_linear_inputs(x, weight, targets, bias, ignore_index, reduction, label_smoothing):
+def _check_linear_inputs(x, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, softcap):
     check_tensor("x", x)
     if x.dim() != 2:
         raise ValueError(f"x must have shape (N, C), got {tuple(x.shape)}")
@@ -198,13 +233,21 @@ def _check_linear_inputs(x, weight, targets, bias, ignore_index, reduction, labe
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{name} must have x's dtype {x.dtype} (as F.linear requires), got {t.dtype}")
     options = _check_options(targets, x.shape[0], ignore_index, reduction, label_smoothing)
+    _check_extras(z_loss, softcap)
     check_device({"x": x, "weight": weight, "bias": bias, "targets": targets})
     return options
 
 
 # ---------------------------------------------------------------- launchers
 
-def _cross_entropy_fwd(logits, targets, ignore_index, smoothing, store_stats, grad=None, scale=None):
+def _kernel_options(options):
+    """(scalars, constexprs) of the kernels for options = (label_smoothing, z_loss, softcap)."""
+    smoothing, z_loss, softcap = options
+    scalars = (float(smoothing), float(z_loss), 1.0 if softcap is None else float(softcap))
+    return scalars, dict(SOFTCAP=softcap is not None, Z_LOSS=z_loss != 0)
+
+
+def _cross_entropy_fwd(logits, targets, ignore_index, options, store_stats, grad=None, scale=None):
     """Per-row loss and, when store_stats, each row's softmax statistics (N, 2): the max m and
     log(sum(exp(x - m))), whose sum is the logsumexp. With grad (an (N, V) buffer, which may be
     logits itself when logits is ours) and scale (per-row factors, any stride), also writes
@@ -214,20 +257,21 @@ def _cross_entropy_fwd(logits, targets, ignore_index, smoothing, store_stats, gr
     stats = torch.empty((N, 2), dtype=loss.dtype, device=logits.device) if store_stats else None
     if N > 0:
         block_v, num_warps = _block_v(V)
+        scalars, flags = _kernel_options(options)
         write_grad = grad is not None
         _cross_entropy_fwd_kernel[(N,)](
             logits, targets, loss, stats, grad, scale,
             logits.stride(0), logits.stride(1), targets.stride(0),
             grad.stride(0) if write_grad else 0, grad.stride(1) if write_grad else 0,
             scale.stride(0) if write_grad else 0,
-            V, ignore_index, float(smoothing),
-            STORE_STATS=store_stats, WRITE_GRAD=write_grad, HAS_SMOOTHING=smoothing > 0,
+            V, ignore_index, *scalars,
+            STORE_STATS=store_stats, WRITE_GRAD=write_grad, HAS_SMOOTHING=options[0] > 0, **flags,
             ACC=acc_dtype(logits.dtype), BLOCK_V=block_v, num_warps=num_warps,
         )
     return loss, stats
 
 
-def _cross_entropy_bwd(logits, targets, stats, scale, ignore_index, smoothing, grad=None):
+def _cross_entropy_bwd(logits, targets, stats, scale, ignore_index, options, grad=None):
     """Writes scale[row] * d loss_row / d logits into grad (default: a new tensor shaped and typed
     like logits, contiguous) and returns it. scale: (N,) upstream gradient, any stride (0 too)."""
     N, V = logits.shape
@@ -235,11 +279,12 @@ def _cross_entropy_bwd(logits, targets, stats, scale, ignore_index, smoothing, g
         grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
     if N > 0:
         block_v, num_warps = _block_v(V)
+        scalars, flags = _kernel_options(options)
         _cross_entropy_bwd_kernel[(N,)](
             logits, targets, stats, grad, scale,
             logits.stride(0), logits.stride(1), targets.stride(0), grad.stride(0), grad.stride(1),
             scale.stride(0),
-            V, ignore_index, float(smoothing),
+            V, ignore_index, *scalars, **flags,
             ACC=acc_dtype(logits.dtype), BLOCK_V=block_v, num_warps=num_warps,
         )
     return grad
@@ -262,7 +307,7 @@ def chunk_rows(N, V, itemsize, budget=None):
     return triton.cdiv(N, triton.cdiv(N, max_rows)) if N > 0 else 1
 
 
-def _linear_ce_chunks(x, weight, bias, targets, ignore_index, smoothing, need, scale=None, stats=None):
+def _linear_ce_chunks(x, weight, bias, targets, ignore_index, options, need, scale=None, stats=None):
     """Walk x's rows in chunks: logits = x_c @ W.T (+ b), then the CE kernel.
 
     Forward (stats None): returns per-row loss and softmax statistics and, when any gradient is needed, the
@@ -288,10 +333,10 @@ def _linear_ce_chunks(x, weight, bias, targets, ignore_index, smoothing, need, s
         logits = xc @ weight.t() if bias is None else torch.addmm(bias, xc, weight.t())
         if forward:
             loss[part], stats[part] = _cross_entropy_fwd(
-                logits, targets[part], ignore_index, smoothing, store_stats=True,
+                logits, targets[part], ignore_index, options, store_stats=True,
                 grad=logits if write_grad else None, scale=scale[part] if write_grad else None)
         else:
-            _cross_entropy_bwd(logits, targets[part], stats[part], scale[part], ignore_index, smoothing,
+            _cross_entropy_bwd(logits, targets[part], stats[part], scale[part], ignore_index, options,
                                grad=logits)
         if need_dx:
             torch.mm(logits, weight, out=dx[part])
@@ -311,16 +356,17 @@ def _linear_ce_chunks(x, weight, bias, targets, ignore_index, smoothing, need, s
 
 @torch.library.custom_op("tritongpt::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, smoothing: float,
+                          z_loss: float, softcap: Optional[float],
                           store_stats: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row losses of (N, V) logits (the reduction is left to torch ops outside) and, when
     store_stats, the softmax statistics the backward needs."""
     _check_target_range(targets, logits.shape[1], ignore_index)
-    loss, stats = _cross_entropy_fwd(logits, targets, ignore_index, smoothing, store_stats)
+    loss, stats = _cross_entropy_fwd(logits, targets, ignore_index, (smoothing, z_loss, softcap), store_stats)
     return loss, or_empty(stats, logits, loss.dtype)
 
 
 @_cross_entropy_fwd_op.register_fake
-def _(logits, targets, ignore_index, smoothing, store_stats):
+def _(logits, targets, ignore_index, smoothing, z_loss, softcap, store_stats):
     N = logits.shape[0]
     loss = logits.new_empty(N, dtype=acc_torch_dtype(logits.dtype))
     return loss, loss.new_empty((N, 2) if store_stats else (0,))
@@ -328,27 +374,28 @@ def _(logits, targets, ignore_index, smoothing, store_stats):
 
 @torch.library.custom_op("tritongpt::cross_entropy_bwd", mutates_args=())
 def _cross_entropy_bwd_op(dloss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor,
-                          ignore_index: int, smoothing: float) -> torch.Tensor:
-    return _cross_entropy_bwd(logits, targets, stats, dloss, ignore_index, smoothing)
+                          ignore_index: int, smoothing: float, z_loss: float,
+                          softcap: Optional[float]) -> torch.Tensor:
+    return _cross_entropy_bwd(logits, targets, stats, dloss, ignore_index, (smoothing, z_loss, softcap))
 
 
 @_cross_entropy_bwd_op.register_fake
-def _(dloss, logits, targets, stats, ignore_index, smoothing):
+def _(dloss, logits, targets, stats, ignore_index, smoothing, z_loss, softcap):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def _cross_entropy_setup(ctx, inputs, output):
-    logits, targets, ignore_index, smoothing, _store_stats = inputs
+    logits, targets, ignore_index, smoothing, z_loss, softcap, _store_stats = inputs
     ctx.save_for_backward(logits, targets, output[1])
-    ctx.options = (ignore_index, smoothing)
+    ctx.options = (ignore_index, smoothing, z_loss, softcap)
     ctx.set_materialize_grads(False)  # the statistics get no gradient; build no zeros for them
 
 
 def _cross_entropy_backward(ctx, dloss, _dstats):
     if dloss is None:
-        return None, None, None, None, None
+        return (None,) * 7
     logits, targets, stats = ctx.saved_tensors
-    return _cross_entropy_bwd_op(dloss, logits, targets, stats, *ctx.options), None, None, None, None
+    return _cross_entropy_bwd_op(dloss, logits, targets, stats, *ctx.options), *(None,) * 6
 
 
 _cross_entropy_fwd_op.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup)
@@ -365,7 +412,8 @@ def _upstream_scale(targets, ignore_index, reduction, N, acc):
 
 @torch.library.custom_op("tritongpt::linear_cross_entropy_fwd", mutates_args=())
 def _linear_ce_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-                      ignore_index: int, reduction: str, smoothing: float, need_dx: bool, need_dw: bool,
+                      ignore_index: int, reduction: str, smoothing: float, z_loss: float,
+                      softcap: Optional[float], need_dx: bool, need_dw: bool,
                       need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, stats, dx, dw, db). With "none": per-row losses and the statistics the backward uses
     to recompute the logits. With "mean"/"sum": the reduced loss and the gradients for an upstream
@@ -374,18 +422,18 @@ def _linear_ce_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     acc = acc_torch_dtype(x.dtype)
     with torch.autocast(x.device.type, enabled=False):  # our matmuls run in exactly x's dtype
         if reduction == "none":  # gradients wait for the per-row upstream gradient
-            loss, stats, *_ = _linear_ce_chunks(x, weight, bias, targets, ignore_index, smoothing,
+            loss, stats, *_ = _linear_ce_chunks(x, weight, bias, targets, ignore_index, (smoothing, z_loss, softcap),
                                                 (False, False, False))
             return loss, stats, x.new_empty(0), x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
         scale, count = _upstream_scale(targets, ignore_index, reduction, x.shape[0], acc)
-        loss, _, dx, dw, db = _linear_ce_chunks(x, weight, bias, targets, ignore_index, smoothing,
+        loss, _, dx, dw, db = _linear_ce_chunks(x, weight, bias, targets, ignore_index, (smoothing, z_loss, softcap),
                                                 (need_dx, need_dw, need_db), scale=scale)
     loss = loss.sum() if count is None else loss.sum() / count
     return loss, loss.new_empty(0), or_empty(dx, x, x.dtype), or_empty(dw, x, acc), or_empty(db, x, acc)
 
 
 @_linear_ce_fwd_op.register_fake
-def _(x, weight, bias, targets, ignore_index, reduction, smoothing, need_dx, need_dw, need_db):
+def _(x, weight, bias, targets, ignore_index, reduction, smoothing, z_loss, softcap, need_dx, need_dw, need_db):
     (N, C), V = x.shape, weight.shape[0]
     acc = acc_torch_dtype(x.dtype)
     grads = reduction != "none"
@@ -399,28 +447,28 @@ def _(x, weight, bias, targets, ignore_index, reduction, smoothing, need_dx, nee
 @torch.library.custom_op("tritongpt::linear_cross_entropy_bwd", mutates_args=())
 def _linear_ce_bwd_op(dloss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       targets: torch.Tensor, stats: torch.Tensor, ignore_index: int, smoothing: float,
-                      need_dx: bool, need_dw: bool,
+                      z_loss: float, softcap: Optional[float], need_dx: bool, need_dw: bool,
                       need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """reduction "none": recompute each chunk's logits and write the gradients for the per-row
     upstream gradient dloss (dw, db in fp32)."""
     acc = acc_torch_dtype(x.dtype)
     with torch.autocast(x.device.type, enabled=False):
-        _, _, dx, dw, db = _linear_ce_chunks(x, weight, bias, targets, ignore_index, smoothing,
+        _, _, dx, dw, db = _linear_ce_chunks(x, weight, bias, targets, ignore_index, (smoothing, z_loss, softcap),
                                              (need_dx, need_dw, need_db), scale=dloss, stats=stats)
     return or_empty(dx, x, x.dtype), or_empty(dw, x, acc), or_empty(db, x, acc)
 
 
 @_linear_ce_bwd_op.register_fake
-def _(dloss, x, weight, bias, targets, stats, ignore_index, smoothing, need_dx, need_dw, need_db):
+def _(dloss, x, weight, bias, targets, stats, ignore_index, smoothing, z_loss, softcap, need_dx, need_dw, need_db):
     acc = acc_torch_dtype(x.dtype)
     return (x.new_empty(x.shape if need_dx else (0,)), x.new_empty(weight.shape if need_dw else (0,), dtype=acc),
             x.new_empty(weight.shape[0] if need_db else 0, dtype=acc))
 
 
 def _linear_ce_setup(ctx, inputs, output):
-    x, weight, bias, targets, ignore_index, reduction, smoothing, *need = inputs
+    x, weight, bias, targets, ignore_index, reduction, smoothing, z_loss, softcap, *need = inputs
     _loss, stats, dx, dw, db = output
-    ctx.reduction, ctx.options, ctx.need = reduction, (ignore_index, smoothing), need
+    ctx.reduction, ctx.options, ctx.need = reduction, (ignore_index, smoothing, z_loss, softcap), need
     ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
     if reduction == "none":
         ctx.save_for_backward(x, weight, bias, targets, stats)
@@ -431,7 +479,7 @@ def _linear_ce_setup(ctx, inputs, output):
 
 def _linear_ce_backward(ctx, dloss, *_unused):
     if dloss is None:
-        return (None,) * 10
+        return (None,) * 12
     need_dx, need_dw, need_db = ctx.need
     if ctx.reduction == "none":
         x, weight, bias, targets, stats = ctx.saved_tensors
@@ -446,7 +494,7 @@ def _linear_ce_backward(ctx, dloss, *_unused):
         dx, dw, db = dx * dloss.to(dx.dtype), dw * dloss, db * dloss
     w_dtype, b_dtype = ctx.dtypes
     return (dx if need_dx else None, dw.to(w_dtype) if need_dw else None, db.to(b_dtype) if need_db else None,
-            *(None,) * 7)
+            *(None,) * 9)
 
 
 _linear_ce_fwd_op.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup)
@@ -454,30 +502,37 @@ _linear_ce_fwd_op.register_autograd(_linear_ce_backward, setup_context=_linear_c
 
 # ---------------------------------------------------------------- public functions
 
-def cross_entropy(logits, targets, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+def cross_entropy(logits, targets, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                  z_loss=0.0, softcap=None):
     """Softmax cross-entropy in Triton: F.cross_entropy(logits.float(), targets, ...).
 
     logits: (N, V) fp16/bf16/fp32/fp64, any strides; never modified. targets: (N,) int64.
     ignore_index: rows whose target equals it add nothing (loss 0 with "none", gradient 0).
     reduction: "mean" (over the rows not ignored; nan when all are), "sum" or "none" (one loss
-    per row). label_smoothing in [0, 1], PyTorch's semantics. Returns an fp32 loss (fp64 for fp64
+    per row). label_smoothing in [0, 1], PyTorch's semantics. z_loss >= 0 adds
+    z_loss * logsumexp(row)^2 to each kept row's loss (PaLM's auxiliary loss, reduced like the
+    loss); softcap > 0 replaces the logits by softcap * tanh(logits / softcap) before the softmax
+    (Gemma 2's final-logit cap), both with their gradients. Returns an fp32 loss (fp64 for fp64
     logits); the gradient has the logits' dtype and is recomputed in the backward from the saved
     softmax statistics. A torch.library custom op (tritongpt::cross_entropy_fwd/_bwd).
     Differs from PyTorch: on CUDA a target outside [0, V) that is not ignore_index gives a nan
     loss instead of a device assert (CPU tensors raise ValueError, as PyTorch).
     """
-    ignore_index, label_smoothing = _check_ce_inputs(logits, targets, ignore_index, reduction, label_smoothing)
-    loss = _cross_entropy_fwd_op(logits, targets, ignore_index, label_smoothing, needs_grad(logits))[0]
+    ignore_index, label_smoothing = _check_ce_inputs(logits, targets, ignore_index, reduction, label_smoothing,
+                                                     z_loss, softcap)
+    z_loss, softcap = float(z_loss), None if softcap is None else float(softcap)
+    loss = _cross_entropy_fwd_op(logits, targets, ignore_index, label_smoothing, z_loss, softcap,
+                                 needs_grad(logits))[0]
     return _reduce(loss, targets, ignore_index, reduction)
 
 
 def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, reduction="mean",
-                         label_smoothing=0.0):
+                         label_smoothing=0.0, z_loss=0.0, softcap=None):
     """cross_entropy(x @ weight.T + bias, targets, ...) without materialising the (N, V) logits.
 
     x: (N, C); weight: (V, C) in nn.Linear layout (an lm_head tied to an embedding is fine); bias:
     (V,) or None; all three one float dtype (as F.linear needs); targets: (N,) int64. Options as
-    cross_entropy. Rows go in chunks of at most CHUNK_BYTES of logits (module-level, 256 MiB).
+    cross_entropy (z_loss and softcap too). Rows go in chunks of at most CHUNK_BYTES of logits (module-level, 256 MiB).
     With "mean"/"sum" the gradients are computed during the forward (whenever x, weight or bias
     requires grad) and scaled in the backward; with "none" the backward recomputes the logits.
     Gradients come back in the inputs' dtypes; dW and db are summed over chunks in fp32.
@@ -485,10 +540,11 @@ def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, reduc
     would cast them. A torch.library custom op (tritongpt::linear_cross_entropy_fwd/_bwd).
     """
     ignore_index, label_smoothing = _check_linear_inputs(x, weight, targets, bias, ignore_index, reduction,
-                                                         label_smoothing)
+                                                         label_smoothing, z_loss, softcap)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):  # what F.linear would do: the matmuls in the low dtype
         low = torch.get_autocast_dtype(device_type)
         x, weight, bias = (None if t is None else t.to(low) for t in (x, weight, bias))
     need = (needs_grad(x), needs_grad(weight), needs_grad(bias))
-    return _linear_ce_fwd_op(x, weight, bias, targets, ignore_index, reduction, label_smoothing, *need)[0]
+    return _linear_ce_fwd_op(x, weight, bias, targets, ignore_index, reduction, label_smoothing,
+                             float(z_loss), None if softcap is None else float(softcap), *need)[0]

@@ -100,7 +100,7 @@ def _ce_args(V, dtype, names):
     p = "*" + dtype
     common = dict(X=p, T="*i64", Loss="*fp32", Stats="*fp32", G=p, Scale="*fp32",
                   stride_xm=V, stride_xv=1, stride_t=1, stride_gm=V, stride_gv=1, stride_s="i32",
-                  V=V, ignore_index="i32", smoothing="fp32")
+                  V=V, ignore_index="i32", smoothing="fp32", z_loss="fp32", softcap="fp32")
     return {name: common[name] for name in names}
 
 
@@ -108,19 +108,20 @@ def _cross_entropy_fwd(ce, V, dtype):
     """The forward as linear_cross_entropy launches it: statistics and the gradient in place."""
     block_v, num_warps = ce._block_v(V)
     names = ("X", "T", "Loss", "Stats", "G", "Scale", "stride_xm", "stride_xv", "stride_t",
-             "stride_gm", "stride_gv", "stride_s", "V", "ignore_index", "smoothing")
+             "stride_gm", "stride_gv", "stride_s", "V", "ignore_index", "smoothing", "z_loss", "softcap")
     return Launch(args=_ce_args(V, dtype, names),
-                  constexprs=dict(STORE_STATS=True, WRITE_GRAD=True, HAS_SMOOTHING=False,
-                                  ACC=_tl().float32, BLOCK_V=block_v),
+                  constexprs=dict(STORE_STATS=True, WRITE_GRAD=True, HAS_SMOOTHING=False, SOFTCAP=False,
+                                  Z_LOSS=False, ACC=_tl().float32, BLOCK_V=block_v),
                   num_warps=num_warps)
 
 
 def _cross_entropy_bwd(ce, V, dtype):
     block_v, num_warps = ce._block_v(V)
     names = ("X", "T", "Stats", "G", "Scale", "stride_xm", "stride_xv", "stride_t", "stride_gm",
-             "stride_gv", "stride_s", "V", "ignore_index", "smoothing")
+             "stride_gv", "stride_s", "V", "ignore_index", "smoothing", "z_loss", "softcap")
     return Launch(args=_ce_args(V, dtype, names),
-                  constexprs=dict(ACC=_tl().float32, BLOCK_V=block_v), num_warps=num_warps)
+                  constexprs=dict(SOFTCAP=False, Z_LOSS=False, ACC=_tl().float32, BLOCK_V=block_v),
+                  num_warps=num_warps)
 
 
 ATTN_T, ATTN_H = 1024, 12  # GPT-2's context and heads; causal, bf16
@@ -133,44 +134,66 @@ def _attention_strides(D):
     return (ATTN_T * 3 * C, D, 3 * C, 1), (ATTN_T * C, D, C, 1)
 
 
-def _attention_launch(at, kind, D, dtype, pointers, strided):
+# The launcher's specialisations beyond plain causal attention: GQA (12 query heads on 3 kv heads),
+# a sliding window, softcapped scores, document masking (the model's doc_mask). Scalar values as
+# the launcher passes them: GROUP = 1 and window = 0 when the feature is off.
+ATTN_FEATURES = {
+    "plain": dict(GROUP=1),
+    "gqa": dict(GROUP=4),
+    "window": dict(GROUP=1, HAS_WINDOW=True),
+    "softcap": dict(GROUP=1, SOFTCAP=True),
+    "docs": dict(GROUP=1, HAS_DOCS=True),
+}
+
+
+def _attention_launch(at, kind, D, dtype, pointers, strided, features):
     """A Launch of one attention kernel at the first (expected best) of its CUDA configs.
-    pointers: (name, type) pairs; strided: (stride prefix, "in" or "out") in argument order."""
+    pointers: (name, type) pairs; strided: (stride prefix, "in" or "out") in argument order;
+    features: a key of ATTN_FEATURES."""
     bm, bn, warps, stages = at.cuda_configs(kind, D)[0]
+    feature = ATTN_FEATURES[features]
     layouts = dict(zip(("in", "out"), _attention_strides(D)))
     args = dict(pointers)
     for prefix, layout in strided:
         args.update(zip((f"{prefix}b", f"{prefix}h", f"{prefix}m" if prefix in ("stride_q", "stride_o",
                          "stride_do", "stride_dq") else f"{prefix}n", f"{prefix}d"), layouts[layout]))
-    args.update(H=ATTN_H, Tq=ATTN_T, Tk=ATTN_T, qk_scale="fp32")
+    docs = feature.get("HAS_DOCS", False)
+    window = feature.get("HAS_WINDOW", False)
+    args.update(Docs="*i64" if docs else None, stride_docb=ATTN_T if docs else 0, H=ATTN_H,
+                GROUP=feature["GROUP"], Tq=ATTN_T, Tk=ATTN_T, qk_scale="fp32", cap="fp32",
+                window="i32" if window else 0)
     if kind != "fwd":
         args["sm_scale"] = "fp32"
-    constexprs = dict(CAUSAL=True, HEAD_D=D, UPCAST=False, PREC="tf32", ACC=_tl().float32, BLOCK_M=bm, BLOCK_N=bn)
+    constexprs = dict(CAUSAL=True, HAS_WINDOW=window, SOFTCAP=feature.get("SOFTCAP", False), HAS_DOCS=docs,
+                      HEAD_D=D, UPCAST=False, PREC="tf32", ACC=_tl().float32, BLOCK_M=bm, BLOCK_N=bn)
     if kind == "dkdv":
         constexprs["EVEN_M"] = True
     return Launch(args=args, constexprs=constexprs, num_warps=warps, num_stages=stages)
 
 
-def _attention_fwd(at, D, dtype):
+def _attention_fwd(at, D, dtype, features="plain"):
     p = "*" + dtype
     return _attention_launch(at, "fwd", D, dtype, (("Q", p), ("K", p), ("V", p), ("O", p), ("Lse", "*fp32")),
-                             (("stride_q", "in"), ("stride_k", "in"), ("stride_v", "in"), ("stride_o", "out")))
+                             (("stride_q", "in"), ("stride_k", "in"), ("stride_v", "in"), ("stride_o", "out")),
+                             features)
 
 
-def _attention_bwd_dkdv(at, D, dtype):
+def _attention_bwd_dkdv(at, D, dtype, features="plain"):
     p = "*" + dtype
     return _attention_launch(
         at, "dkdv", D, dtype,
         (("Q", p), ("K", p), ("V", p), ("DO", p), ("Lse", "*fp32"), ("Delta", "*fp32"), ("DK", p), ("DV", p)),
-        (("stride_q", "in"), ("stride_k", "in"), ("stride_v", "in"), ("stride_do", "out"), ("stride_dk", "out")))
+        (("stride_q", "in"), ("stride_k", "in"), ("stride_v", "in"), ("stride_do", "out"), ("stride_dk", "out")),
+        features)
 
 
-def _attention_bwd_dq(at, D, dtype):
+def _attention_bwd_dq(at, D, dtype, features="plain"):
     p = "*" + dtype
     return _attention_launch(
         at, "dq", D, dtype,
         (("Q", p), ("K", p), ("V", p), ("DO", p), ("Lse", "*fp32"), ("Delta", "*fp32"), ("DQ", p)),
-        (("stride_q", "in"), ("stride_k", "in"), ("stride_v", "in"), ("stride_do", "out"), ("stride_dq", "out")))
+        (("stride_q", "in"), ("stride_k", "in"), ("stride_v", "in"), ("stride_do", "out"), ("stride_dq", "out")),
+        features)
 
 
 def _attention_bwd_delta(at, D, dtype):
@@ -246,15 +269,19 @@ def kernel_table():
     # Causal, T = 1024: GPT-2's head dim (hot path) and D = 128 (bigger models, the limit).
     attn_configs = tuple(Config(f"T={ATTN_T} D={D} causal bf16", {"D": D, "dtype": "bf16"}, D == 64)
                          for D in (64, 128))
+    # The other specialisations (GQA, window, softcap, documents) at GPT-2's head dim.
+    attn_feature_configs = attn_configs + tuple(
+        Config(f"T={ATTN_T} D=64 causal {f} bf16", {"D": 64, "dtype": "bf16", "features": f}, False)
+        for f in ATTN_FEATURES if f != "plain")  # off by default: not on the GPT-2 hot path
     return [
         Kernel("layer_norm", "_layer_norm_fwd_kernel", _layer_norm_fwd, ln_configs),
         Kernel("layer_norm", "_layer_norm_bwd_kernel", _layer_norm_bwd, ln_configs),
         Kernel("cross_entropy", "_cross_entropy_fwd_kernel", _cross_entropy_fwd, ce_configs),
         Kernel("cross_entropy", "_cross_entropy_bwd_kernel", _cross_entropy_bwd, ce_configs),
-        Kernel("attention", "_attention_fwd_kernel", _attention_fwd, attn_configs, uses_mma=True),
+        Kernel("attention", "_attention_fwd_kernel", _attention_fwd, attn_feature_configs, uses_mma=True),
         Kernel("attention", "_attention_bwd_delta_kernel", _attention_bwd_delta, attn_configs),
-        Kernel("attention", "_attention_bwd_dkdv_kernel", _attention_bwd_dkdv, attn_configs, uses_mma=True),
-        Kernel("attention", "_attention_bwd_dq_kernel", _attention_bwd_dq, attn_configs, uses_mma=True),
+        Kernel("attention", "_attention_bwd_dkdv_kernel", _attention_bwd_dkdv, attn_feature_configs, uses_mma=True),
+        Kernel("attention", "_attention_bwd_dq_kernel", _attention_bwd_dq, attn_feature_configs, uses_mma=True),
         Kernel("mlp", "_mlp_fwd_kernel", _mlp_fwd, _mlp_configs(("fc", "proj", "dw")), uses_mma=True),
         Kernel("mlp", "_mlp_bwd_kernel", _mlp_bwd, _mlp_configs(("bwd",)), uses_mma=True),
     ]

@@ -374,6 +374,63 @@ def test_readme_names_the_real_chunk_knob(monkeypatch):
     assert ce_module.chunk_rows(10**6, 50257, 2) <= ce_module.CHUNK_BYTES // (50257 * 2) < 2670
 
 
+# ---------------------------------------------------------------- z-loss and softcap
+# F.cross_entropy has neither, so the float64 oracle is the reference itself (fp64 stays fp64 there).
+
+EXTRAS = [dict(z_loss=1e-2), dict(softcap=2.5), dict(z_loss=1e-3, softcap=30.0, label_smoothing=0.1)]
+EXTRA_IDS = ["z_loss", "softcap", "both"]
+
+
+@pytest.mark.parametrize("extras", EXTRAS, ids=EXTRA_IDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_z_loss_and_softcap(extras, reduction, dtype, device):
+    """z_loss 1e-2 at logsumexp ~ 8 adds ~0.6 per row; softcap 2.5 bends most logits (scale 3)."""
+    fns = (cross_entropy, reference.cross_entropy, reference.cross_entropy)
+    _check(_call_ce, fns, [_logits(13, 300, dtype, device)], _targets(13, 300, device), 
+           dict(reduction=reduction, **extras), ("dlogits",))
+
+
+@pytest.mark.parametrize("extras", EXTRAS, ids=EXTRA_IDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_z_loss_and_softcap(extras, reduction, device, monkeypatch):
+    N, C, V = 11, 16, 200
+    monkeypatch.setattr(ce_module, "CHUNK_BYTES", 4 * V * 4)  # chunks of 4 rows (fp32)
+    fns = (linear_cross_entropy, reference.linear_cross_entropy, reference.linear_cross_entropy)
+    x, w, b = _linear_inputs(N, C, V, torch.float32, device)
+    _check(_call_linear, fns, [x, w, b], _targets(N, V, device), dict(reduction=reduction, **extras),
+           ("dx", "dweight", "dbias"))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_z_loss_and_softcap_gradcheck_float64(reduction, device, monkeypatch):
+    logits = leaf(_logits(4, 9, torch.float64, device))
+    targets = _targets(4, 9, device, every=3)
+    opts = dict(reduction=reduction, z_loss=0.05, softcap=2.0, label_smoothing=0.1)
+    assert torch.autograd.gradcheck(lambda a: cross_entropy(a, targets, **opts), (logits,), fast_mode=True)
+    monkeypatch.setattr(ce_module, "CHUNK_BYTES", 2 * 9 * 8)  # chunks of 2 rows
+    x, w, b = [leaf(t) for t in _linear_inputs(4, 5, 9, torch.float64, device)]
+    assert torch.autograd.gradcheck(lambda *a: linear_cross_entropy(a[0], a[1], targets, a[2], **opts),
+                                    (x, w, b), fast_mode=True)
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(z_loss=-1e-4), ValueError, "z_loss must be finite and >= 0"),
+    (dict(z_loss=float("nan")), ValueError, "z_loss must be finite"),
+    (dict(z_loss="0.1"), TypeError, "z_loss must be a number"),
+    (dict(softcap=0.0), ValueError, "softcap must be finite and > 0"),
+    (dict(softcap=float("inf")), ValueError, "softcap must be finite"),
+    (dict(softcap=True), TypeError, "softcap must be a number"),
+], ids=["z_negative", "z_nan", "z_str", "cap_zero", "cap_inf", "cap_bool"])
+def test_bad_z_loss_and_softcap(kwargs, error, words, device, no_launch):
+    logits = _logits(4, 10, torch.float32, device).requires_grad_()
+    x, w, _ = _linear_inputs(4, 8, 10, torch.float32, device)
+    t = torch.tensor([1, 2, 3, -100], device=device)
+    for fn, args in ((cross_entropy, (logits, t)), (linear_cross_entropy, (x, w, t))):
+        with pytest.raises(error, match=words):
+            fn(*args, **kwargs)
+
+
 # ---------------------------------------------------------------- bad input
 
 @pytest.fixture

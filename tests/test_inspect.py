@@ -19,6 +19,14 @@ KNOWN_SPILLS = {
         "the limit width: a 16384-wide row of x, dy, w and both fp32 partial sums in registers does not "
         "fit; the stack frame (a few hundred bytes per thread) is reported, not hidden",
 }
+# Attention's feature specialisations (off by default) at the plain config's tiles: a small stack
+# frame (8-64 bytes per thread, no spill) where the extra masked loop, doc ids or GQA loop pass
+# 255 registers. A config list of their own is owed (issue 17).
+_FEATURE_STACK = "a feature specialisation at the plain config's tile: a small stack frame, no spill"
+KNOWN_SPILLS.update({(k, f"T=1024 D=64 causal {f} bf16"): _FEATURE_STACK for k, f in (
+    ("_attention_fwd_kernel", "window"), ("_attention_fwd_kernel", "docs"),
+    ("_attention_bwd_dkdv_kernel", "gqa"), ("_attention_bwd_dkdv_kernel", "softcap"),
+    ("_attention_bwd_dkdv_kernel", "docs"))})
 
 
 @pytest.fixture(scope="module")
