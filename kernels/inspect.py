@@ -311,7 +311,8 @@ def cross_entropy_traffic(N, V):
 def linear_cross_entropy_traffic(N, C, V):
     """linear_cross_entropy, reduction "mean", gradients of x and weight (GPT-2's lm_head: no bias).
     Each chunk of R rows: logits = x_c W^T, the kernel turns them into their gradient g in place,
-    dx_c = g W, dW += g^T x_c in fp32; the backward scales dx and dW by the upstream gradient.
+    dx_c = g W, dW += g^T x_c accumulated in place in one fp32 buffer (the first chunk writes it);
+    the backward scales dx and casts dW with the upstream gradient folded in (one pass each).
     Whole op minimum: x, W, targets read once, dx, dW written once. The dW row: the accumulator's
     traffic against the least a chunked fp32 accumulation moves (each chunk writes it, each later
     chunk reads it back, one scaled cast at the end)."""
@@ -322,10 +323,8 @@ def linear_cross_entropy_traffic(N, C, V):
     x_reads = 2 * N * C * BF16 + chunks * 2 * VC * BF16  # x_c twice, W twice per chunk
     dx = N * C * BF16 + 2 * N * C * BF16  # written per chunk, then scaled out of place
     dw_min = chunks * VC * FP32 + (chunks - 1) * VC * FP32 + VC * (FP32 + BF16)
-    # zero-fill; per chunk a bf16 (V, C) product written and read back, the fp32 sum read and
-    # written; in the backward dW * dloss (fp32 in and out), then the cast to bf16
-    dw = VC * FP32 + chunks * 2 * VC * (BF16 + FP32) + 2 * VC * FP32 + VC * (FP32 + BF16)
-    dw_launches = 1 + 2 * chunks + 2
+    dw = dw_min  # in place from the first chunk, the upstream gradient folded into the cast
+    dw_launches = chunks + 1
     small = N * (8 + 3 * FP32)
     flops = 3 * 2 * N * V * C  # logits, dx, dW
     return [_op("linear_cross_entropy fwd+bwd", 3 * chunks + dw_launches + 1,
