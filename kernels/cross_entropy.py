@@ -18,11 +18,13 @@ CHUNK_BYTES of logits (256 MiB by default: at most 2670 rows at V = 50257 in bf1
 so GPT-2's 16384 rows run as 7 chunks of 2341: big enough that the matmuls stay cuBLAS-efficient,
 unlike 128-row chunks). Each chunk: logits = x_c @ W.T (+ b) by torch matmul, then the kernel
 writes loss and statistics and turns the chunk's logits (our buffer) into their gradient g in
-place; then dx_c = g @ W, and dW += g.T @ x_c, db += sum(g) accumulate in fp32. For reduction
-"mean"/"sum" all of this happens in the forward (the upstream gradient is then a scalar, applied
-in the backward by one multiply). For "none" the upstream gradient is a per-row vector known only
-in the backward: the forward saves x, the weights and the statistics, and the backward recomputes
-each chunk's logits (one extra matmul).
+place; then dx_c = g @ W, and dW += g.T @ x_c, db += sum(g) accumulate in fp32. dW is one fp32
+buffer that cuBLAS adds each chunk's product into in place (addmm's out_dtype; no (V, C)
+temporary; the CPU, which lacks that op, upcasts the chunk's operands instead). For reduction
+"mean"/"sum" all of this happens in the forward (the upstream gradient is then a scalar, folded in
+the backward into the one cast of dW and db to the parameters' dtype). For "none" the upstream
+gradient is a per-row vector known only in the backward: the forward saves x, the weights and
+the statistics, and the backward recomputes each chunk's logits (one extra matmul).
 
 Options follow F.cross_entropy: any ignore_index (such rows lose 0 and get a zero gradient),
 reduction "mean" (sum over the kept rows / their count, counted on device: every row ignored
@@ -38,6 +40,7 @@ such a row gets a nan loss and a nan gradient row, so the error shows instead of
 answer (no host sync in forward or backward, as DESIGN.md asks).
 Limits: logits (N, V) and x (N, C) 2-D, any strides; row and element offsets are int64.
 """
+import functools
 import math
 from typing import Optional
 
@@ -321,7 +324,8 @@ def _linear_ce_chunks(x, weight, bias, targets, ignore_index, options, need, sca
     write_grad = any(need)
     acc = acc_torch_dtype(x.dtype)
     dx = torch.empty((N, C), dtype=x.dtype, device=x.device) if need_dx else None
-    dw = torch.zeros((V, C), dtype=acc, device=x.device) if need_dw else None
+    # the first chunk writes dw whole (no zero-fill), unless there is none
+    dw = (torch.empty if N > 0 else torch.zeros)((V, C), dtype=acc, device=x.device) if need_dw else None
     db = torch.zeros(V, dtype=acc, device=x.device) if need_db else None
     forward = stats is None
     loss = torch.empty(N, dtype=acc, device=x.device) if forward else None
@@ -341,13 +345,46 @@ def _linear_ce_chunks(x, weight, bias, targets, ignore_index, options, need, sca
         if need_dx:
             torch.mm(logits, weight, out=dx[part])
         if need_dw:
-            if logits.dtype == acc:
-                dw.addmm_(logits.t(), xc)
-            else:  # fp16/bf16: each chunk's product from cuBLAS (fp32 inside), summed in fp32
-                dw += logits.t() @ xc
+            _accumulate(dw, logits.t(), xc, first=start == 0)
         if need_db:
             db += logits.sum(0, dtype=acc)
     return loss, stats, dx, dw, db
+
+
+@functools.lru_cache(maxsize=None)
+def _fp32_addmm_works(device):
+    """Whether addmm can add a low-precision product into an fp32 tensor in place (out_dtype, CUDA
+    only; older builds insist that the added tensor has the operands' dtype)."""
+    try:
+        a = torch.zeros((1, 1), dtype=torch.bfloat16, device=device)
+        out = torch.zeros((1, 1), dtype=torch.float32, device=device)
+        torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
+        return True
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def _accumulate(dw, a, b, first):
+    """dw = a @ b (first chunk) or dw += a @ b, accumulated in dw's fp32, with no (V, C) temporary:
+    cuBLAS reads the fp16/bf16 operands, accumulates in fp32 and adds into dw (addmm's out_dtype).
+    Where PyTorch lacks that (the CPU, older CUDA builds), the chunk's operands are upcast instead:
+    fp32 copies of size (rows, V) and (rows, C), bounded by the chunk, never (V, C)."""
+    if a.dtype != dw.dtype and not (dw.is_cuda and _fp32_addmm_works(dw.device)):
+        a, b = a.to(dw.dtype), b.to(dw.dtype)
+    if a.dtype == dw.dtype and first:
+        torch.mm(a, b, out=dw)
+    elif a.dtype == dw.dtype:
+        dw.addmm_(a, b)
+    elif first:
+        torch.mm(a, b, out_dtype=dw.dtype, out=dw)
+    else:
+        torch.addmm(dw, a, b, out_dtype=dw.dtype, out=dw)
+
+
+def _scaled(grad, dloss, dtype):
+    """grad * dloss in `dtype`, one pass (read fp32, write dtype): the upstream gradient is folded
+    into the cast. Out of place: the saved gradient stays valid for a second backward."""
+    return torch.mul(grad, dloss, out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
 
 
 # ---------------------------------------------------------------- custom ops and autograd
@@ -490,8 +527,11 @@ def _linear_ce_backward(ctx, dloss, *_unused):
                                "its gradients are computed in the forward, outside autograd; use "
                                "tritongpt.kernels.reference.linear_cross_entropy for higher-order gradients")
         dx, dw, db = ctx.saved_tensors
-        # out of place: the saved gradients stay valid for a second backward (retain_graph)
-        dx, dw, db = dx * dloss.to(dx.dtype), dw * dloss, db * dloss
+        w_dtype, b_dtype = ctx.dtypes
+        dx = dx * dloss.to(dx.dtype) if need_dx else None
+        dw = _scaled(dw, dloss, w_dtype) if need_dw else None
+        db = _scaled(db, dloss, b_dtype) if need_db else None
+        return (dx, dw, db, *(None,) * 9)
     w_dtype, b_dtype = ctx.dtypes
     return (dx if need_dx else None, dw.to(w_dtype) if need_dw else None, db.to(b_dtype) if need_db else None,
             *(None,) * 9)

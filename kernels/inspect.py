@@ -29,6 +29,13 @@ from typing import Callable
 ARCHS = {"sm_90": 90, "sm_80": 80}
 # Most shared memory one block may opt in to: H100 (227 KB) and A100 (163 KB).
 SHARED_LIMIT = {"sm_90": 232448, "sm_80": 166912}
+# Per SM, for the occupancy column: shared memory (228 KB on H100, 164 KB on A100), and what both
+# archs share: 64K registers in 4 sub-partitions, 64 warps (2048 threads), 32 blocks; registers
+# go to warps in units of 256, shared memory to blocks in units of 128 bytes, and the driver
+# reserves 1 KB of shared memory per block (the SHARED:1024 the sm_90 cubin declares).
+SM_SHARED = {"sm_90": 233472, "sm_80": 167936}
+SM_REGS, SM_SUBPARTITIONS, SM_WARPS, SM_BLOCKS = 65536, 4, 64, 32
+REG_UNIT, SHARED_UNIT, RESERVED_SHARED = 256, 128, 1024
 GPT2_WIDTHS = (768, 1024, 1280, 1600)  # n_embd of gpt2, gpt2-medium, gpt2-large, gpt2-xl
 GPT2_ROWS = 16384  # B * T of a GPT-2 124M training step (B=16, T=1024)
 
@@ -288,6 +295,121 @@ def kernel_table():
 
 
 # ---------------------------------------------------------------------------------------------
+# Bytes and FLOPs per op at GPT-2 124M, from the launchers' own plans (chunk counts, grids, tiles),
+# against the least the op must move or do. Global-memory bytes, counting each launch's reads and
+# writes once (tile re-reads of one launch are assumed to hit L2); bf16 tensors, fp32 statistics.
+
+GPT2 = dict(N=GPT2_ROWS, C=768, V=50257, B=16, H=ATTN_H, T=ATTN_T, D=64)
+H100_SMS = 132  # the persistent grids' size on an H100 SXM
+BF16, FP32 = 2, 4
+
+
+def _op(op, launches, bytes_, min_bytes, flops=None, min_flops=None):
+    return dict(op=op, launches=launches, bytes=bytes_, min_bytes=min_bytes,
+                bytes_ratio=round(bytes_ / min_bytes, 3) if bytes_ else None,
+                flops=flops, min_flops=min_flops,
+                flops_ratio=round(flops / min_flops, 3) if flops else None)
+
+
+def layer_norm_traffic(N, C, sms=H100_SMS):
+    """Forward: x in, y out, w and b, the fp32 mean and rstd saved. Backward: the kernel reads x,
+    dy, mean, rstd and writes dx and per-program fp32 partials of dw and db (zero-filled first);
+    torch sums them and casts the sums to the parameters' dtype. Minimum: the tensors once."""
+    block_m = _module("layer_norm")._block_sizes(C)[0]
+    programs = min(triton_cdiv(N, block_m), 2 * sms)
+    fwd = _op("layer_norm fwd", 1, 2 * N * C * BF16 + 2 * C * BF16 + 2 * N * FP32,
+              2 * N * C * BF16 + 2 * C * BF16)
+    partials = 2 * programs * C * FP32
+    bwd = _op("layer_norm bwd", 7,
+              3 * N * C * BF16 + C * BF16 + 2 * N * FP32  # x, dy, dx, w, mean, rstd
+              + 3 * partials  # zero-fill, kernel writes, sum reads
+              + 2 * C * FP32 * 2 + 2 * C * BF16,  # sums written then read by the casts, cast out
+              3 * N * C * BF16 + C * BF16 + 2 * N * FP32 + 2 * C * BF16)
+    return [fwd, bwd]
+
+
+def cross_entropy_traffic(N, V):
+    """cross_entropy(logits) forward + backward: the forward reads the logits, the backward reads
+    them again and writes the gradient. Minimum: read once, gradient written once."""
+    stats = N * (FP32 + 2 * FP32 + 8)  # loss, (m, log_s), int64 targets
+    return [_op("cross_entropy fwd+bwd", 2, 3 * N * V * BF16 + 2 * stats, 2 * N * V * BF16 + stats)]
+
+
+def linear_cross_entropy_traffic(N, C, V):
+    """linear_cross_entropy, reduction "mean", gradients of x and weight (GPT-2's lm_head: no bias).
+    Each chunk of R rows: logits = x_c W^T, the kernel turns them into their gradient g in place,
+    dx_c = g W, dW += g^T x_c accumulated in place in one fp32 buffer (the first chunk writes it);
+    the backward scales dx and casts dW with the upstream gradient folded in (one pass each).
+    Whole op minimum: x, W, targets read once, dx, dW written once. The dW row: the accumulator's
+    traffic against the least a chunked fp32 accumulation moves (each chunk writes it, each later
+    chunk reads it back, one scaled cast at the end)."""
+    rows = _module("cross_entropy").chunk_rows(N, V, BF16)
+    chunks = triton_cdiv(N, rows)
+    VC = V * C
+    logits = 5 * N * V * BF16  # mm writes, the kernel reads and writes, dx and dW matmuls read
+    x_reads = 2 * N * C * BF16 + chunks * 2 * VC * BF16  # x_c twice, W twice per chunk
+    dx = N * C * BF16 + 2 * N * C * BF16  # written per chunk, then scaled out of place
+    dw_min = chunks * VC * FP32 + (chunks - 1) * VC * FP32 + VC * (FP32 + BF16)
+    dw = dw_min  # in place from the first chunk, the upstream gradient folded into the cast
+    dw_launches = chunks + 1
+    small = N * (8 + 3 * FP32)
+    flops = 3 * 2 * N * V * C  # logits, dx, dW
+    return [_op("linear_cross_entropy fwd+bwd", 3 * chunks + dw_launches + 1,
+                logits + x_reads + dx + dw + small, 2 * N * C * BF16 + 2 * VC * BF16 + small, flops, flops),
+            _op("linear_cross_entropy dW", dw_launches, dw, dw_min)]
+
+
+def _causal_tiles(T, block_m, block_n):
+    """(BLOCK_M x BLOCK_N) tiles a causal kernel computes: query block i sees key blocks up to its
+    last row (masked tiles on the diagonal are computed whole)."""
+    return sum(triton_cdiv(min(T, (i + 1) * block_m), block_n) for i in range(triton_cdiv(T, block_m)))
+
+
+def attention_traffic(B, H, T, D):
+    """Causal attention: FLOPs of the tiles the launch plan computes (first config of each list)
+    against 4 D per visible (query, key) pair forward, 10 D backward (five matmuls, recompute
+    included). Bytes: each tile's K and V (or Q, dO) reads counted, against q, k, v, o once."""
+    at = _module("attention")
+    pairs = B * H * T * (T + 1) // 2
+    io = B * H * T * D * BF16
+    bm, bn = at.cuda_configs("fwd", D)[0][:2]
+    tiles = B * H * _causal_tiles(T, bm, bn)
+    fwd = _op("attention fwd", 1, 2 * io + tiles * 2 * bn * D * BF16 + B * H * T * FP32, 4 * io + B * H * T * FP32,
+              tiles * 4 * bm * bn * D, pairs * 4 * D)
+    bm, bn = at.cuda_configs("dkdv", D)[0][:2]
+    kv_tiles = B * H * _causal_tiles(T, bn, bm)  # walks query blocks (BLOCK_M) for each key block (BLOCK_N)
+    bm2, bn2 = at.cuda_configs("dq", D)[0][:2]
+    q_tiles = B * H * _causal_tiles(T, bm2, bn2)
+    lse_delta = 2 * B * H * T * FP32
+    bwd = _op("attention bwd", 3,
+              2 * io + lse_delta  # delta: o and dO in, delta out
+              + 4 * io + kv_tiles * 2 * bm * D * BF16 + 2 * io  # dkdv: k, v in, q and dO per tile, dk, dv out
+              + 2 * io + q_tiles * 2 * bn2 * D * BF16 + io + lse_delta,  # dq: q, dO in, k and v per tile, dq out
+              8 * io + lse_delta,
+              kv_tiles * 8 * bm * bn * D + q_tiles * 6 * bm2 * bn2 * D, pairs * 10 * D)
+    return [fwd, bwd]
+
+
+def mlp_traffic(N, C):
+    """GELU MLP (hidden 4C): FLOPs of its six matmuls (fc, proj, their input and weight gradients)
+    against the same, as nothing is recomputed. Bytes are not modelled yet (its launch plan has
+    autotuned split-K, bias partials and casts): None."""
+    flops = 6 * 2 * N * C * 4 * C
+    return [_op("gelu_mlp fwd+bwd", None, None, None, flops, flops)]
+
+
+def op_table(shape=GPT2):
+    """Every op's row at GPT-2 124M (or another shape dict with the same keys)."""
+    N, C, V = shape["N"], shape["C"], shape["V"]
+    return (layer_norm_traffic(N, C) + attention_traffic(shape["B"], shape["H"], shape["T"], shape["D"])
+            + mlp_traffic(N, C) + cross_entropy_traffic(N, V) + linear_cross_entropy_traffic(N, C, V))
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------------------------------------
 # Compiling and reading the cubin.
 
 def _tl():
@@ -339,6 +461,61 @@ def cuobjdump_path():
     return path
 
 
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T\d]\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_GLOBAL = ("LDG", "STG", "LDGSTS")  # global loads, stores, and the sm_80 async copy global -> shared
+_WIDTH = {"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}  # else 32 bits
+
+
+def sass_instructions(sass):
+    """[(address, opcode, operands)] of every instruction in a cuobjdump -sass listing."""
+    return [(int(a, 16), op, rest.strip()) for a, op, rest in _INSTRUCTION.findall(sass)]
+
+
+def innermost_loops(instructions):
+    """[(first, last)] addresses of each innermost loop. A loop is a branch to an earlier address
+    (its back-edge; back-edges to one head merge); innermost: it holds no other loop. The
+    `BRA <itself>` that ends every kernel is padding, not a loop."""
+    ends = {}
+    for address, op, rest in instructions:
+        if op.split(".")[0] == "BRA":
+            target = int(rest.split()[-1], 16)
+            if target < address:
+                ends[target] = max(address, ends.get(target, 0))
+    loops = sorted(ends.items())
+    return [(a, b) for a, b in loops if not any((a, b) != (c, d) and a <= c and d <= b for c, d in loops)]
+
+
+def sass_facts(sass):
+    """What the SASS says about speed: per innermost loop its instructions and global loads, the
+    global accesses by width (static counts), and the TMA (bulk tensor copy) instructions."""
+    instructions = sass_instructions(sass)
+    loops = innermost_loops(instructions)
+    widths = {}
+    for _, op, _ in instructions:
+        parts = op.split(".")
+        if parts[0] in _GLOBAL:
+            width = next((_WIDTH[p] for p in parts[1:] if p in _WIDTH), 32)
+            widths[width] = widths.get(width, 0) + 1
+    inside = [[op for address, op, _ in instructions if a <= address <= b] for a, b in loops]
+    total = sum(widths.values())
+    return dict(loop_insts=[len(body) for body in inside],
+                loop_loads=[sum(op.split(".")[0] in ("LDG", "LDGSTS") for op in body) for body in inside],
+                global_widths={str(w): n for w, n in sorted(widths.items(), reverse=True)},
+                g128_share=round(widths.get(128, 0) / total, 3) if total else None,
+                tma=sum(op.startswith(("UTMA", "UBLKCP")) for _, op, _ in instructions))
+
+
+def resident_warps(arch, regs, num_warps, triton_shared):
+    """Warps of one kernel resident per SM: the fewest blocks any of registers, warps, blocks and
+    shared memory allows, times the warps per block (the CUDA occupancy calculator's rules)."""
+    regs_per_warp = -(-regs * 32 // REG_UNIT) * REG_UNIT
+    # registers are split among the 4 sub-partitions; a warp's registers live in one of them
+    warps_by_regs = (SM_REGS // SM_SUBPARTITIONS // regs_per_warp) * SM_SUBPARTITIONS
+    block_shared = -(-(triton_shared + RESERVED_SHARED) // SHARED_UNIT) * SHARED_UNIT
+    blocks = min(warps_by_regs // num_warps, SM_WARPS // num_warps, SM_BLOCKS, SM_SHARED[arch] // block_shared)
+    return blocks * num_warps
+
+
 _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 _MMA = re.compile(r"\b[A-Z]*MMA\.[\w.]+")  # HGMMA.64x128x16.F32.BF16, HMMA.16816.F32.BF16, ...
 
@@ -354,7 +531,7 @@ def read_cubin(cubin):
     regs, stack, shared, local = map(int, _RESOURCES.search(out).groups())
     mma = sorted(set(_MMA.findall(out)))
     return dict(regs=regs, stack_bytes=stack, static_shared_bytes=shared, spill_bytes=local,
-                mma=",".join(mma) if mma else "none")
+                mma=",".join(mma) if mma else "none", **sass_facts(out))
 
 
 def inspect_one(kernel, config, arch):
@@ -379,7 +556,9 @@ def inspect_one(kernel, config, arch):
                 spill_bytes=usage["spill_bytes"], stack_bytes=usage["stack_bytes"],
                 shared_bytes=triton_shared + usage["static_shared_bytes"],
                 triton_shared_bytes=triton_shared, static_shared_bytes=usage["static_shared_bytes"],
-                shared_limit_bytes=SHARED_LIMIT[arch], mma=usage["mma"], uses_mma=kernel.uses_mma)
+                shared_limit_bytes=SHARED_LIMIT[arch], mma=usage["mma"], uses_mma=kernel.uses_mma,
+                warps_per_sm=resident_warps(arch, usage["regs"], compiled.metadata.num_warps, triton_shared),
+                **{k: usage[k] for k in ("loop_insts", "loop_loads", "global_widths", "g128_share", "tma")})
 
 
 def inspect_all(archs):
@@ -391,23 +570,51 @@ def inspect_all(archs):
 
 _COLUMNS = (("kernel", "kernel"), ("config", "config"), ("arch", "arch"), ("hot", "hot_path"),
             ("warps", "num_warps"), ("regs", "regs"), ("spill", "spill_bytes"),
-            ("stack", "stack_bytes"), ("shared", "shared_bytes"), ("mma", "mma"))
+            ("stack", "stack_bytes"), ("shared", "shared_bytes"), ("warps/SM", "warps_per_sm"),
+            ("loop insts", "loop_insts"), ("loop loads", "loop_loads"), ("128-bit", "g128_share"),
+            ("tma", "tma"), ("mma", "mma"))
+_OP_COLUMNS = (("op (GPT-2 124M, bf16)", "op"), ("launches", "launches"), ("MB", "bytes"), ("min MB", "min_bytes"),
+               ("x min", "bytes_ratio"), ("GFLOP", "flops"), ("min GFLOP", "min_flops"), ("x min", "flops_ratio"))
 
 
-def format_table(rows):
-    def cell(row, key):
-        value = row[key]
-        return ("yes" if value else "") if isinstance(value, bool) else str(value)
+def _cell(value, key):
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "-"
+    if key in ("bytes", "min_bytes"):
+        return f"{value / 1e6:.1f}"
+    if key in ("flops", "min_flops"):
+        return f"{value / 1e9:.1f}"
+    return str(value)
 
-    table = [[h for h, _ in _COLUMNS]] + [[cell(r, k) for _, k in _COLUMNS] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(_COLUMNS))]
+
+def _text_table(columns, rows):
+    table = [[h for h, _ in columns]] + [[_cell(r[k], k) for _, k in columns] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def format_table(rows, ops):
+    lines = _text_table(_COLUMNS, rows)
     lines.append("")
     lines.append("regs: per thread; spill, stack: bytes per thread (local memory); shared: bytes per block, "
                  "Triton's dynamic shared + the cubin's static shared (limit "
-                 + ", ".join(f"{a} {b}" for a, b in SHARED_LIMIT.items()) + "); hot: on the GPT-2 path. "
+                 + ", ".join(f"{a} {b}" for a, b in SHARED_LIMIT.items()) + "); hot: on the GPT-2 path; "
+                 "warps/SM: resident warps per SM (registers, warps, shared); loop insts, loop loads: SASS "
+                 "instructions and global loads in each innermost loop; 128-bit: share of the global "
+                 "loads and stores that move 128 bits; tma: bulk tensor copy instructions. "
                  "Compile-time facts, not speed.")
+    lines.append("")
+    lines += _text_table(_OP_COLUMNS, ops)
+    lines.append("")
+    lines.append("Global-memory bytes and FLOPs one op moves and does at GPT-2 124M (B*T = 16384, C = 768, "
+                 "V = 50257, H = 12, D = 64, T = 1024) from the launchers' plans, against the least it must; "
+                 "a model, not a measurement (see README, Reading the inspect report).")
     return "\n".join(lines)
 
 
@@ -424,7 +631,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="python -m tritongpt.kernels.inspect", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", choices=[*ARCHS, "all"], default="all")
-    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    parser.add_argument("--json", action="store_true",
+                        help='print {"kernels": [...], "ops": [...]} as JSON instead of tables')
     args = parser.parse_args(argv)
 
     if "TRITON_INTERPRET" in os.environ:
@@ -433,7 +641,8 @@ def main(argv=None):
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default; silences its warning
 
     rows = inspect_all(list(ARCHS) if args.arch == "all" else [args.arch])
-    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    ops = op_table()
+    print(json.dumps(dict(kernels=rows, ops=ops), indent=1) if args.json else format_table(rows, ops))
     return 0
 
 

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from helpers import assert_close_2x, assert_compiled_matches_eager, dtypes_for, forbid_launches, leaf
 
 from tritongpt.kernels import cross_entropy, linear_cross_entropy, reference
@@ -541,3 +543,53 @@ def test_offsets_past_int32_on_gpu():
     expected = torch.softmax(logits[tail].detach().float(), -1)
     expected[torch.arange(4), targets[tail]] -= 1
     torch.testing.assert_close(logits.grad[tail].float(), expected, rtol=2e-2, atol=1e-3)
+
+
+class _WeightGradTraffic(TorchDispatchMode):
+    """What aten ops do with tensors shaped like the weight other than the weight itself (the (V, C)
+    weight-gradient buffers): the bytes they read and write, and how many such tensors they create."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.numel, self.weight = weight.numel(), weight.untyped_storage().data_ptr()
+        self.bytes = self.created = 0
+
+    def _sized(self, tree):
+        return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor) and t.numel() == self.numel
+                and t.untyped_storage().data_ptr() != self.weight]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.is_view or func is torch.ops.aten.detach.default:
+            return out
+        ins = self._sized((args, {k: v for k, v in kwargs.items() if k != "out"}))
+        outs = self._sized(out)
+        known = {t.untyped_storage().data_ptr() for t in self._sized((args, kwargs))}
+        self.created += sum(t.untyped_storage().data_ptr() not in known for t in outs)
+        if func.name().split("::")[-1].split(".")[0] in ("empty", "empty_strided", "zero_", "fill_"):
+            ins = []  # allocation and filling read nothing
+        if not func.name().split("::")[-1].startswith("empty"):
+            self.bytes += sum(t.numel() * t.element_size() for t in ins + outs)
+        return out
+
+
+def test_linear_weight_gradient_accumulates_in_place(monkeypatch):
+    """dW is one fp32 buffer that every chunk adds into (no (V, C) product per chunk), and the
+    upstream gradient is folded into the final cast: the bytes kernels.inspect's model counts."""
+    from tritongpt.kernels import inspect
+
+    N, C, V = 12, 16, 40  # 3 chunks of 4 rows; no other tensor has V * C elements
+    monkeypatch.setattr(ce_module, "CHUNK_BYTES", 4 * V * 2)
+    x, weight, _ = _linear_inputs(N, C, V, torch.float16, "cpu", bias=False)
+    targets = _targets(N, V, "cpu")
+    with _WeightGradTraffic(weight) as seen:
+        dw = ce_module._linear_ce_chunks(x, weight, None, targets, -100, 0.0, (False, True, False),
+                                         scale=torch.ones(()).expand(N))[3]  # reduction "sum"
+        grad = ce_module._scaled(dw, torch.tensor(0.5), weight.dtype)
+    assert seen.created == 2, f"{seen.created} tensors of (V, C): only the fp32 sum and the gradient may exist"
+    assert seen.bytes == inspect.linear_cross_entropy_traffic(N, C, V)[1]["bytes"]
+    w64 = weight.double().requires_grad_()
+    want = torch.autograd.grad(0.5 * _oracle_linear(x.double(), w64, targets, reduction="sum"), w64)[0]
+    assert grad.dtype == weight.dtype
+    torch.testing.assert_close(grad.double(), want, atol=2e-3, rtol=2e-3)

@@ -34,7 +34,7 @@ def report():
     proc = subprocess.run([sys.executable, "-m", "tritongpt.kernels.inspect", "--json", "--arch", "all"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout)
+    return json.loads(proc.stdout)["kernels"]
 
 
 def test_every_kernel_compiles_for_both_archs(report):
@@ -69,3 +69,82 @@ def test_dot_kernels_use_wgmma_on_hopper(report):
     for r in report:
         if r["uses_mma"] and r["hot_path"] and r["arch"] == "sm_90":
             assert "HGMMA" in r["mma"], f"{r['kernel']} at {r['config']}: {r['mma']}"
+
+
+def test_speed_columns_are_filled(report):
+    for r in report:
+        assert 0 < r["warps_per_sm"] <= 64, r  # every kernel can be resident
+        assert r["g128_share"] is None or 0.0 <= r["g128_share"] <= 1.0, r
+        assert len(r["loop_insts"]) == len(r["loop_loads"]), r
+        assert all(n > 0 for n in r["loop_insts"]), r
+    # the row loops of the reductions and the K loops of the matmuls are all found
+    looped = {r["kernel"] for r in report if r["loop_insts"]}
+    assert {"_layer_norm_bwd_kernel", "_cross_entropy_fwd_kernel", "_attention_fwd_kernel", "_mlp_fwd_kernel"} <= looped
+    hot_mlp = [r for r in report if r["kernel"] == "_mlp_fwd_kernel" and r["hot_path"]]
+    assert all(r["g128_share"] >= 0.5 for r in hot_mlp), [(r["config"], r["g128_share"]) for r in hot_mlp]
+
+
+# A hand-written SASS listing: a kernel with a loop nested in another, a second innermost loop,
+# a 16-bit load, 128-bit load and store, a TMA load, and the trailing self-branch every kernel has.
+SASS = """
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/              @!P0 LDG.E.U16 R2, desc[UR4][R4.64] ;
+        /*0020*/                   IADD3 R1, R1, 0x1, RZ ;
+        /*0030*/                   LDG.E.128 R8, desc[UR4][R6.64] ;
+        /*0040*/                   FADD R3, R3, R8 ;
+        /*0050*/               @P1 BRA 0x30 ;
+        /*0060*/                   UTMALDG.2D [UR8], [UR4] ;
+        /*0070*/              @!PT BRA 0x20 ;
+        /*0080*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0090*/                   STG.E.128 desc[UR4][R6.64], R8 ;
+        /*00a0*/               @P2 BRA 0x80 ;
+        /*00b0*/                   EXIT ;
+        /*00c0*/                   BRA 0xc0;
+"""
+
+
+def test_sass_facts_reads_loops_widths_and_tma():
+    from tritongpt.kernels.inspect import sass_facts
+
+    facts = sass_facts(SASS)
+    # innermost loops: 0x30-0x50 (inside 0x20-0x70) and 0x80-0xa0; the outer one and the padding are not
+    assert facts["loop_insts"] == [3, 3]
+    assert facts["loop_loads"] == [1, 1]
+    assert facts["global_widths"] == {"128": 2, "32": 1, "16": 1}
+    assert facts["g128_share"] == 0.5
+    assert facts["tma"] == 1
+
+
+def test_resident_warps_follow_the_occupancy_rules():
+    from tritongpt.kernels.inspect import resident_warps
+
+    # 102 registers: 3328 per warp (256-register units), 4 warps in each 16K sub-partition
+    assert resident_warps("sm_90", 102, 8, 4096) == 16
+    # 40 registers: 12 warps per sub-partition (48), not 65536 // 1280 = 51 across the SM
+    assert resident_warps("sm_90", 40, 2, 0) == 48
+    assert resident_warps("sm_90", 32, 8, 0) == 64  # the 64-warp limit
+    assert resident_warps("sm_90", 32, 1, 0) == 32  # the 32-block limit
+    # shared memory: 100 KB + 1 KB reserved per block fits twice in 228 KB, once in 164 KB
+    assert resident_warps("sm_90", 64, 4, 100 * 1024) == 8
+    assert resident_warps("sm_80", 64, 4, 100 * 1024) == 4
+
+
+def test_op_table_follows_the_launch_plans(monkeypatch):
+    import importlib
+    from tritongpt.kernels import inspect
+    cross_entropy = importlib.import_module("tritongpt.kernels.cross_entropy")
+
+    ops = {r["op"]: r for r in inspect.op_table()}
+    for r in ops.values():
+        assert r["bytes"] is None or r["bytes"] >= r["min_bytes"] > 0, r
+        assert r["flops"] is None or r["flops"] >= r["min_flops"] > 0, r
+    # layer norm: the fp32 statistics are the forward's only extra bytes
+    N, C = inspect.GPT2["N"], inspect.GPT2["C"]
+    assert ops["layer_norm fwd"]["bytes"] - ops["layer_norm fwd"]["min_bytes"] == 2 * N * 4
+    # causal attention computes at least the visible half and less than the full square
+    assert 1.0 <= ops["attention fwd"]["flops_ratio"] < 2.0
+    # the chunk count comes from the launcher: one chunk fewer, fewer bytes
+    small = inspect.linear_cross_entropy_traffic(N, C, inspect.GPT2["V"])
+    monkeypatch.setattr(cross_entropy, "CHUNK_BYTES", 4 * cross_entropy.CHUNK_BYTES)
+    big = inspect.linear_cross_entropy_traffic(N, C, inspect.GPT2["V"])
+    assert big[0]["bytes"] < small[0]["bytes"] and big[0]["launches"] < small[0]["launches"]
