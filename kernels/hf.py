@@ -17,13 +17,15 @@ padding, no packed sequences, no sliding window, queries == keys or one query).
 - no mask and non-causal attention (cross-attention, an encoder);
 and hands every other call, unchanged, to transformers' sdpa_attention_forward: an explicit mask
 (padding, packing, sliding windows), dropout > 0 (training with attn_pdrop), output_attentions, a
-head mask, softcap, a position bias, any keyword it does not know, a head dimension or dtype the
-kernel lacks. Fewer key/value heads than query heads (GQA) are repeated to the query heads first.
+head mask, a position bias, any keyword it does not know, a head dimension or dtype the kernel
+lacks. Fewer key/value heads than query heads (GQA/MQA) go to the kernel as they are, and a
+`softcap` keyword (Gemma 2's attention logit softcapping, which transformers' sdpa refuses) is the
+kernel's softcap. A sliding window shorter than the keys always comes with a mask from
+transformers' mask builder, so those calls run sdpa; the kernel's own `window` is reachable by
+calling kernels.flash_attention directly.
 Supported transformers: 4.55 (the first whose GPT-2 builds its masks through the mask interface)
 and newer; older releases are refused when registering.
 """
-import torch
-
 from . import attention as _attention
 from .nn import op
 
@@ -33,7 +35,7 @@ MIN_TRANSFORMERS = (4, 55)
 # (position_ids only matter for packed sequences, which get an explicit mask; a sliding window
 # only when it is shorter than the keys, checked below).
 KNOWN_KWARGS = frozenset({"position_ids", "cache_position", "use_cache", "return_dict", "output_hidden_states",
-                          "output_attentions", "head_mask", "is_causal", "sliding_window"})
+                          "output_attentions", "head_mask", "is_causal", "sliding_window", "softcap"})
 
 
 def _version(text):
@@ -103,11 +105,11 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
             return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                            is_causal=is_causal, **kwargs)
         key, value = key[:, :, :Tq], value[:, :, :Tq]
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # GQA / MQA: each key/value head serves `groups` consecutive query heads
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    # one query sees every key (end-aligned causal and non-causal agree there)
-    out = op("flash_attention", query)(query, key, value, causal=bool(causal) and Tq > 1, sm_scale=scaling)
+    # GQA / MQA go in as they are: the kernel's query head h reads key/value head h // (H // H_kv),
+    # transformers' repeat_kv layout. One query sees every key (end-aligned causal and non-causal
+    # agree there). softcap (Gemma 2's attn_logit_softcapping) is the kernel's own.
+    out = op("flash_attention", query)(query, key, value, causal=bool(causal) and Tq > 1, sm_scale=scaling,
+                                       softcap=kwargs.get("softcap"))
     return out.transpose(1, 2).contiguous(), None  # free with the kernel: its output is (B, Tq, H, D) memory
 
 

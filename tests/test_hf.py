@@ -122,3 +122,20 @@ def test_attention_function_refers_what_it_cannot_compute_to_sdpa(monkeypatch):
     assert calls == ["flash_attention"]
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
+
+
+def test_softcap_runs_the_kernel(monkeypatch):
+    """Gemma 2's attention softcapping (which transformers' sdpa refuses) is the kernel's softcap,
+    on GQA heads as they come."""
+    from tritongpt.kernels import reference
+
+    module = nn.Module()
+    q = torch.randn(2, 4, 6, 16, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 6, 16, dtype=torch.float64) for _ in range(2))
+    calls = spy_ops(monkeypatch)
+    got, _ = hf.attention(module, q, k, v, None, scaling=0.3, softcap=2.0)
+    want = reference.flash_attention(q, k, v, causal=True, sm_scale=0.3, softcap=2.0).transpose(1, 2)
+    assert calls == ["flash_attention"]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    uncapped, _ = hf.attention(module, q, k, v, None, scaling=0.3)
+    assert (got - uncapped).abs().max() > 1e-3  # the cap changes the answer at these scores
