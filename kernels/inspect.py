@@ -84,7 +84,7 @@ def _layer_norm_fwd(ln, C, dtype):
     p = "*" + dtype
     return Launch(
         args=dict(X=p, W=p, B=p, Y=p, Mean="*fp32", Rstd="*fp32", stride_xm=C, stride_xc=1,
-                  stride_ym=C, M=GPT2_ROWS, C=C, eps="fp32"),
+                  stride_ym=C, stride_w=1, stride_b=1, M=GPT2_ROWS, C=C, eps="fp32"),
         constexprs=dict(HAS_W=True, HAS_B=True, STORE_STATS=True, ACC=_tl().float32,
                         BLOCK_M=block_m, BLOCK_C=block_c),
         num_warps=num_warps)
@@ -95,7 +95,7 @@ def _layer_norm_bwd(ln, C, dtype):
     p = "*" + dtype
     return Launch(
         args=dict(X=p, W=p, DY=p, DX=p, Mean="*fp32", Rstd="*fp32", DWp="*fp32", DBp="*fp32",
-                  stride_xm=C, stride_xc=1, stride_dym=C, stride_dyc=1, stride_dxm=C,
+                  stride_xm=C, stride_xc=1, stride_dym=C, stride_dyc=1, stride_dxm=C, stride_w=1,
                   M=GPT2_ROWS, C=C, ROWS_PER_PROG="i32"),
         constexprs=dict(HAS_W=True, NEED_DX=True, NEED_DW=True, NEED_DB=True, ACC=_tl().float32,
                         BLOCK_M=block_m, BLOCK_C=block_c),
@@ -107,7 +107,7 @@ def _ce_args(V, dtype, names):
     p = "*" + dtype
     common = dict(X=p, T="*i64", Loss="*fp32", Stats="*fp32", G=p, Scale="*fp32",
                   stride_xm=V, stride_xv=1, stride_t=1, stride_gm=V, stride_gv=1, stride_s="i32",
-                  V=V, ignore_index="i32", smoothing="fp32", z_loss="fp32", softcap="fp32")
+                  V=V, ignore_index="i32", smoothing="fp64", z_loss="fp64", softcap="fp64")
     return {name: common[name] for name in names}
 
 
@@ -239,7 +239,8 @@ def _mlp_fwd(mlp, kind, C, tune, dtype):
     return Launch(
         args=dict(A=p, B=p, Bias=None if dw else p, Out="*fp32" if dw else p, Pre=p if kind == "fc" else None,
                   M=M, N=N, K=K, K_PER_SPLIT=K // 2 if dw else K, M_KEY=M, K_KEY=K, stride_am=stride_am, stride_ak=stride_ak,
-                  stride_bk=stride_bk, stride_bn=stride_bn, stride_om=N, stride_on=1, stride_os=M * N),
+                  stride_bk=stride_bk, stride_bn=stride_bn, stride_om=N, stride_on=1, stride_os=M * N,
+                  stride_bias=1),
         constexprs=dict(HAS_BIAS=not dw, GELU=kind == "fc", STORE_PRE=kind == "fc", APPROX_TANH=True,
                         **_mlp_constexprs(mlp, config, dtype)),
         num_warps=config["num_warps"], num_stages=config["num_stages"])

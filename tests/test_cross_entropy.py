@@ -419,10 +419,10 @@ def test_z_loss_and_softcap_gradcheck_float64(reduction, device, monkeypatch):
 @pytest.mark.parametrize("kwargs, error, words", [
     (dict(z_loss=-1e-4), ValueError, "z_loss must be finite and >= 0"),
     (dict(z_loss=float("nan")), ValueError, "z_loss must be finite"),
-    (dict(z_loss="0.1"), TypeError, "z_loss must be a number"),
+    (dict(z_loss="0.1"), TypeError, "z_loss must be a real number"),
     (dict(softcap=0.0), ValueError, "softcap must be finite and > 0"),
     (dict(softcap=float("inf")), ValueError, "softcap must be finite"),
-    (dict(softcap=True), TypeError, "softcap must be a number"),
+    (dict(softcap=True), TypeError, "softcap must be a real number"),
 ], ids=["z_negative", "z_nan", "z_str", "cap_zero", "cap_inf", "cap_bool"])
 def test_bad_z_loss_and_softcap(kwargs, error, words, device, no_launch):
     logits = _logits(4, 10, torch.float32, device).requires_grad_()
