@@ -26,14 +26,16 @@ import random
 import sys
 import time
 
-import numpy as np
-import torch
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
+STARTED = time.time()  # --time-budget counts from here: start-up and the kernel check are in it
 
-from tritongpt.model.gpt import GPT, PRESETS, GPTConfig, flops_per_token, kernel_ops
-from tritongpt.trainer import checkpoint, data, distributed, kernel_check, logs, options, sampling
-from tritongpt.trainer.sampling import autocast
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from tritongpt.model.gpt import GPT, PRESETS, GPTConfig, flops_per_token, kernel_ops  # noqa: E402
+from tritongpt.trainer import checkpoint, data, distributed, kernel_check, logs, options, sampling  # noqa: E402
+from tritongpt.trainer.sampling import autocast  # noqa: E402
 
 GRAD_CLIP = 1.0
 
@@ -265,11 +267,12 @@ def step_record(step, loss, norm, lr, seconds, flops_tok, peak, args, procs):
             "tokens_per_s": tokens_per_s, "mfu": mfu}
 
 
-def out_of_time(begin, args, procs, device):
-    """The --time-budget is spent (decided together, so every rank stops at the same step)."""
+def out_of_time(args, procs, device):
+    """The --time-budget, counted from the process's start, is spent (decided together, so every
+    rank stops at the same step)."""
     if not args.time_budget:
         return False
-    over = float(time.time() - begin > args.time_budget)
+    over = float(time.time() - STARTED > args.time_budget)
     return distributed.sum_over_ranks([over], procs, device)[0] > 0
 
 
@@ -326,7 +329,7 @@ def run(args, procs, device, resume=None):
             pending = None
         optimizer.step()
         seconds = time.time() - t0
-        stopping = step == args.max_steps or out_of_time(begin, args, procs, device)
+        stopping = step == args.max_steps or out_of_time(args, procs, device)
         if procs.main:
             record = step_record(step, loss, norm, lr, seconds, flops_tok, peak, args, procs)
             log.write(record)

@@ -48,8 +48,8 @@ def build_parser(description):
         "batch-size * seq-len * processes, reached by gradient accumulation (default: no accumulation "
         "for the demo, 524288 otherwise)")
     add("--max-steps", type=int, help="optimizer steps")
-    add("--time-budget", type=float, help="seconds of training after which the run stops early, "
-        "evaluates and checkpoints (0: none; default 200 for the demo, none otherwise)")
+    add("--time-budget", type=float, help="seconds from the start of the process after which training "
+        "stops early, evaluates and checkpoints (0: none; default 200 for the demo, none otherwise)")
     add("--lr", type=float, help="peak learning rate (cosine decay to a tenth of it)")
     add("--warmup-steps", type=int, help="linear warmup steps (default: 100 for the demo, 715 "
         "otherwise, or a tenth of --max-steps if that is fewer)")
