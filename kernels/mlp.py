@@ -26,7 +26,9 @@ The GELU: "tanh" (GPT-2's, default) g = h * sigmoid(2u), u = sqrt(2/pi) (h + 0.0
 equals 0.5 h (1 + tanh(u)); "none" the exact g = h * Phi(h) with erf, as F.gelu's `approximate`.
 
 fp32 inputs: the dots use true fp32 ("ieee") unless torch.backends.cuda.matmul.allow_tf32 is set,
-then TF32, following what PyTorch's own fp32 matmul does. bf16 in Triton's interpreter: tl.dot
+then TF32, following what PyTorch's own fp32 matmul does. Their GELU and GELU' epilogues compute in
+fp64 (the EPI constexpr), so the stored activation and dh are the accumulator's exact function
+correctly rounded; fp16 and bf16 keep an fp32 epilogue, far below their own rounding. bf16 in Triton's interpreter: tl.dot
 there multiplies bf16 bit patterns, so the tiles are converted to fp32 before the dot there.
 Limits: x (..., C) with any C (C = 0 gives the biases, as F.linear), hidden size and row count
 (edges masked); all five tensors one dtype (as F.linear requires), any strides (biases too, an
@@ -178,7 +180,7 @@ def _mlp_fwd_kernel(
     M, N, K, K_PER_SPLIT, M_KEY, K_KEY,
     stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_os, stride_bias,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_PRE: tl.constexpr, APPROX_TANH: tl.constexpr,
-    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EPI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -190,8 +192,10 @@ def _mlp_fwd_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
+    if GELU:  # the bias add and the GELU in EPI (see _dot_options)
+        acc = acc.to(EPI)
     if HAS_BIAS:
-        acc += tl.load(Bias + cols * stride_bias, mask=cols < N, other=0.0).to(ACC)[None, :]
+        acc += tl.load(Bias + cols * stride_bias, mask=cols < N, other=0.0).to(acc.dtype)[None, :]
     offs = split.to(tl.int64) * stride_os + rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
     if GELU:
         if STORE_PRE:
@@ -201,7 +205,7 @@ def _mlp_fwd_kernel(
 
 
 # With h the pre-activation and g = gelu(h): dg = dy @ W2, and dh = dg * gelu'(h) is written here
-# (gelu' applied to the fp32 accumulator, h read in the epilogue). db1 = sum over rows of dh:
+# (gelu' applied to the accumulator in EPI, h read in the epilogue). db1 = sum over rows of dh:
 # program (pid_m, pid_n) writes its tile's fp32 column sums to row pid_m of DBp.
 @triton.jit
 def _mlp_bwd_kernel(
@@ -209,7 +213,7 @@ def _mlp_bwd_kernel(
     M, N, K, M_KEY,
     stride_dym, stride_dyk, stride_wk, stride_wn, stride_pm, stride_pn,
     NEED_DB: tl.constexpr, APPROX_TANH: tl.constexpr,
-    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EPI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -219,11 +223,12 @@ def _mlp_bwd_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     offs = rows.to(tl.int64)[:, None] * stride_pm + cols[None, :] * stride_pn
-    h = tl.load(Pre + offs, mask=mask, other=0.0).to(ACC)
-    dh = acc * _gelu_grad(h, APPROX_TANH)
+    h = tl.load(Pre + offs, mask=mask, other=0.0).to(EPI)
+    dh = acc.to(EPI) * _gelu_grad(h, APPROX_TANH)
     tl.store(DPre + offs, dh.to(DPre.dtype.element_ty), mask=mask)
     if NEED_DB:
-        tl.store(DBp + pid_m * N + cols, tl.sum(tl.where(mask, dh, 0.0), axis=0), mask=cols < N)
+        db = tl.sum(tl.where(mask, dh, 0.0), axis=0)
+        tl.store(DBp + pid_m * N + cols, db.to(DBp.dtype.element_ty), mask=cols < N)
 
 
 # Two autotuners over one kernel: the plain matmuls (proj, dx, weight gradients) and fc with its GELU.
@@ -246,11 +251,18 @@ _mlp_bwd_tuned = triton.autotune(_EPILOGUE_CONFIGS, key=["M_KEY", "N", "K", "NEE
 # ---------------------------------------------------------------- launchers
 
 def _dot_options(dtype, device):
-    """(ACC, DOT_PRECISION, UPCAST) constexprs for inputs of `dtype`."""
+    """(ACC, DOT_PRECISION, UPCAST, EPI) constexprs for inputs of `dtype`.
+
+    EPI is the dtype the GELU and GELU' epilogues compute in: fp64 for fp32 (and fp64) inputs, so
+    the stored activation and dh are the fp32 accumulator's values correctly rounded (an fp32 exp
+    and division add 1-2 ulp, more than PyTorch's own GELU); fp32 for fp16 and bf16, whose rounding
+    on the store is 2**13 times coarser than the fp32 epilogue's error.
+    """
     tf32 = dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
     precision = "ieee" if dtype in (torch.float32, torch.float64) and not tf32 else "tf32"
     upcast = dtype == torch.bfloat16 and interpreting()
-    return dict(ACC=acc_dtype(dtype), DOT_PRECISION=precision, UPCAST=upcast)
+    epilogue = tl.float64 if dtype in (torch.float32, torch.float64) else tl.float32
+    return dict(ACC=acc_dtype(dtype), DOT_PRECISION=precision, UPCAST=upcast, EPI=epilogue)
 
 
 def rows_key(n):
