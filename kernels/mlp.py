@@ -1,14 +1,16 @@
 """GPT-2's MLP, Linear -> GELU -> Linear, as Triton matmuls with the GELU and biases in their epilogues.
 
-Forward: h = x W1^T + b1 and g = gelu(h) come out of one matmul (the bias and the GELU are applied
-to the fp32 accumulator before the single store), then y = g W2^T + b2. Backward: one matmul
-computes dg = dy W2 and multiplies it by gelu'(h) in its epilogue, so the 4C-wide dh is written
-once and no elementwise pass over the activation exists; the same epilogue writes per-program fp32
-column sums of dh (db1's partials, summed by one torch sum: deterministic, no atomics). Then
-dx = dh W1, dW1 = dh^T x, dW2 = dy^T g with the same matmul kernel, and db2 = dy summed over rows
-in fp32 by torch (a C-wide pass, not a 4C one). Weight gradients at GPT-2 shapes have few output
-tiles (768 x 3072: 72 to 144 tiles for 132 SMs) and a long K (the rows), so they split K over
-programs that write fp32 partials, summed by torch, again deterministic.
+Forward: h = x W1^T + b1 and g = gelu(h) come out of one Triton matmul (the bias and the GELU are
+applied to the accumulator before the single store), then y = g W2^T + b2. Backward: one Triton
+matmul computes dg = dy W2 and multiplies it by gelu'(h) in its epilogue, so the 4C-wide dh is
+written once and no elementwise pass over the activation exists; the same epilogue writes
+per-program fp32 column sums of dh (db1's partials, summed by one torch sum: deterministic, no
+atomics). The four plain GEMMs, y = g W2^T + b2, dx = dh W1, dW1 = dh^T x and dW2 = dy^T g, go
+through torch.mm / addmm (cuBLAS on CUDA, fp32 accumulation for bf16/fp16) by default; with
+PLAIN_GEMM = "triton" they use the same Triton matmul kernel instead, the weight gradients then
+splitting K (the rows) over programs that write fp32 partials summed by torch (GPT-2 shapes have
+few output tiles, 72 to 144 for 132 SMs, and a long K), again deterministic. db2 = dy summed over
+rows in fp32 by torch (a C-wide pass, not a 4C one).
 
 Matmuls: tiles of BLOCK_M x BLOCK_N with fp32 accumulation (fp64 for fp64 inputs) over BLOCK_K
 steps, programs in grouped order (GROUP_M row tiles share a column band, for L2 reuse), a short
@@ -50,6 +52,10 @@ MAX_SPLIT = 8
 # Shared memory the pipelined A and B tiles may take (A100 allows 163 KB per block, H100 227 KB).
 SMEM_BUDGET = 160 * 1024
 _FALLBACK = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8)  # when no config fits the budget
+# Who computes the four plain GEMMs (proj, dx, dW1, dW2): "cublas" (torch.mm / torch.addmm, the
+# default; issue 16: Triton's plain matmul loses to cuBLAS on H100 unless shown otherwise) or
+# "triton" (_mlp_fwd_kernel, split-K for the weight gradients); bench/bench_mlp.py compares both.
+PLAIN_GEMM = "cublas"
 
 
 def gpu_configs(epilogue=False):
@@ -314,6 +320,17 @@ def _matmul(a, b, bias=None, gelu=None, store_pre=False, split_ok=False):
     return (out, pre) if gelu else out
 
 
+def _plain_matmul(a, b, bias=None, weight_grad=False):
+    """a @ b (+ bias) in a's dtype by PLAIN_GEMM's backend. cuBLAS accumulates bf16/fp16 products
+    in fp32 (CUBLAS_COMPUTE_32F) and, with one stream and a fixed shape, is bitwise repeatable (no
+    split-K atomics; CUBLAS_WORKSPACE_CONFIG matters only across streams)."""
+    if PLAIN_GEMM == "triton":
+        return _matmul(a, b, bias, split_ok=weight_grad)
+    if PLAIN_GEMM != "cublas":
+        raise ValueError(f"kernels.mlp.PLAIN_GEMM must be 'cublas' or 'triton', got {PLAIN_GEMM!r}")
+    return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+
+
 def _torch_gelu(h, approximate):
     return torch.nn.functional.gelu(h, approximate=approximate)
 
@@ -352,7 +369,7 @@ def _gelu_mlp_fwd(x, fc_weight, fc_bias, proj_weight, proj_bias, approximate, sa
     """Returns y (x.shape[:-1] + (O,)), and when save the pre-activation h and activation g (M, H)."""
     x2 = _rows(x)  # a view whenever x's layout allows; the kernel takes strides
     act, pre = _matmul(x2, fc_weight.t(), fc_bias, gelu=approximate, store_pre=save)
-    y = _matmul(act, proj_weight.t(), proj_bias)
+    y = _plain_matmul(act, proj_weight.t(), proj_bias)
     return y.view(*x.shape[:-1], proj_weight.shape[0]), pre, act
 
 
@@ -365,13 +382,13 @@ def _gelu_mlp_bwd(dy, x, fc_weight, proj_weight, pre, act, approximate, needs):
     if need_dx or need_dw1 or need_db1:
         dpre, db_part = _gelu_grad_matmul(dy2, proj_weight, pre, approximate, need_db1)
         if need_dx:
-            dx = _matmul(dpre, fc_weight).view(x.shape)
+            dx = _plain_matmul(dpre, fc_weight).view(x.shape)
         if need_dw1:
-            dw1 = _matmul(dpre.t(), x2, split_ok=True)
+            dw1 = _plain_matmul(dpre.t(), x2, weight_grad=True)
         if need_db1:
             db1 = db_part.sum(0).to(x.dtype)
     if need_dw2:
-        dw2 = _matmul(dy2.t(), act, split_ok=True)
+        dw2 = _plain_matmul(dy2.t(), act, weight_grad=True)
     if need_db2:
         db2 = dy2.sum(0, dtype=acc_torch_dtype(dy.dtype)).to(x.dtype)
     return dx, dw1, db1, dw2, db2

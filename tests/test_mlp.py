@@ -143,12 +143,33 @@ def test_split_k_weight_gradients(device, monkeypatch):
         splits.append(real(*args))
         return splits[-1]
 
+    monkeypatch.setattr(mlp_module, "PLAIN_GEMM", "triton")
     monkeypatch.setattr(mlp_module, "MIN_K_PER_SPLIT", 64)
     monkeypatch.setattr(mlp_module, "_split_k", spy)
     inputs = _inputs((301,), 64, 96, torch.float16, device)
     _check_against_reference(inputs, _dy(inputs))
     assert splits and all(s > 1 for s, _ in splits)
 
+
+
+@pytest.mark.parametrize("backend", ["cublas", "triton"])
+def test_plain_gemm_backends(backend, device, monkeypatch):
+    """proj, dx, dW1 and dW2 through torch (cuBLAS) or the Triton matmul: both meet the rule, and
+    the switch really changes who computes them (the Triton kernel runs only for "triton")."""
+    launches = []
+    real = mlp_module._matmul
+    monkeypatch.setattr(mlp_module, "_matmul", lambda *a, **k: launches.append(k.get("gelu")) or real(*a, **k))
+    monkeypatch.setattr(mlp_module, "PLAIN_GEMM", backend)
+    inputs = _inputs((37,), 64, 96, torch.float16, device)
+    _check_against_reference(inputs, _dy(inputs))
+    plain = [g for g in launches if g is None]
+    assert len(plain) == (4 if backend == "triton" else 0)
+
+
+def test_unknown_plain_gemm_backend_is_refused(device, monkeypatch):
+    monkeypatch.setattr(mlp_module, "PLAIN_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="PLAIN_GEMM"):
+        gelu_mlp(*_inputs((2,), 8, 16, torch.float32, device))
 
 def test_gradcheck_float64(device):
     inputs = [leaf(t) for t in _inputs((3,), 5, 7, torch.float64, device)]
