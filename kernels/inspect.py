@@ -221,9 +221,22 @@ def _mlp_shapes(kind, C):
             "bwd": (GPT2_ROWS, H, C)}[kind]
 
 
+_MLP_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
 def _mlp_constexprs(mlp, config, dtype):
-    dot = mlp._dot_options({"bf16": _torch().bfloat16, "fp16": _torch().float16}[dtype], _torch().device("cuda"))
+    dot = mlp._dot_options(getattr(_torch(), _MLP_DTYPES[dtype]), _torch().device("cuda"))
     return dict(dot, **{k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")})
+
+
+def _mlp_stages(mlp, config, dtype):
+    """The config's pipeline depth after the launcher's shared-memory pruning (fewer for fp32)."""
+    import triton
+    tile = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+    first = _torch().empty(0, dtype=getattr(_torch(), _MLP_DTYPES[dtype]))
+    fitted = mlp._fit_shared_memory([triton.Config(tile, num_warps=config["num_warps"],
+                                                   num_stages=config["num_stages"])], {"A": first})
+    return fitted[0].num_stages
 
 
 def _mlp_fwd(mlp, kind, C, tune, dtype):
@@ -240,10 +253,10 @@ def _mlp_fwd(mlp, kind, C, tune, dtype):
         args=dict(A=p, B=p, Bias=None if dw else p, Out="*fp32" if dw else p, Pre=p if kind == "fc" else None,
                   M=M, N=N, K=K, K_PER_SPLIT=K // 2 if dw else K, M_KEY=M, K_KEY=K, stride_am=stride_am, stride_ak=stride_ak,
                   stride_bk=stride_bk, stride_bn=stride_bn, stride_om=N, stride_on=1, stride_os=M * N,
-                  stride_bias=1),
+                  stride_bias=0 if dw else 1),  # a contiguous bias, as nn.Linear's
         constexprs=dict(HAS_BIAS=not dw, GELU=kind == "fc", STORE_PRE=kind == "fc", APPROX_TANH=True,
                         **_mlp_constexprs(mlp, config, dtype)),
-        num_warps=config["num_warps"], num_stages=config["num_stages"])
+        num_warps=config["num_warps"], num_stages=_mlp_stages(mlp, config, dtype))
 
 
 def _mlp_bwd(mlp, C, tune, dtype):
@@ -254,7 +267,7 @@ def _mlp_bwd(mlp, C, tune, dtype):
         args=dict(DY=p, W2=p, Pre=p, DPre=p, DBp="*fp32", M=M, N=N, K=K, M_KEY=M, stride_dym=K, stride_dyk=1,
                   stride_wk=N, stride_wn=1, stride_pm=N, stride_pn=1),
         constexprs=dict(NEED_DB=True, APPROX_TANH=True, **_mlp_constexprs(mlp, config, dtype)),
-        num_warps=config["num_warps"], num_stages=config["num_stages"])
+        num_warps=config["num_warps"], num_stages=_mlp_stages(mlp, config, dtype))
 
 
 def _mlp_configs(kinds):

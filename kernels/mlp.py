@@ -1,14 +1,16 @@
 """GPT-2's MLP, Linear -> GELU -> Linear, as Triton matmuls with the GELU and biases in their epilogues.
 
-Forward: h = x W1^T + b1 and g = gelu(h) come out of one matmul (the bias and the GELU are applied
-to the fp32 accumulator before the single store), then y = g W2^T + b2. Backward: one matmul
-computes dg = dy W2 and multiplies it by gelu'(h) in its epilogue, so the 4C-wide dh is written
-once and no elementwise pass over the activation exists; the same epilogue writes per-program fp32
-column sums of dh (db1's partials, summed by one torch sum: deterministic, no atomics). Then
-dx = dh W1, dW1 = dh^T x, dW2 = dy^T g with the same matmul kernel, and db2 = dy summed over rows
-in fp32 by torch (a C-wide pass, not a 4C one). Weight gradients at GPT-2 shapes have few output
-tiles (768 x 3072: 72 to 144 tiles for 132 SMs) and a long K (the rows), so they split K over
-programs that write fp32 partials, summed by torch, again deterministic.
+Forward: h = x W1^T + b1 and g = gelu(h) come out of one Triton matmul (the bias and the GELU are
+applied to the accumulator before the single store), then y = g W2^T + b2. Backward: one Triton
+matmul computes dg = dy W2 and multiplies it by gelu'(h) in its epilogue, so the 4C-wide dh is
+written once and no elementwise pass over the activation exists; the same epilogue writes
+per-program fp32 column sums of dh (db1's partials, summed by one torch sum: deterministic, no
+atomics). The four plain GEMMs, y = g W2^T + b2, dx = dh W1, dW1 = dh^T x and dW2 = dy^T g, go
+through torch.mm / addmm (cuBLAS on CUDA, fp32 accumulation for bf16/fp16) by default; with
+PLAIN_GEMM = "triton" they use the same Triton matmul kernel instead, the weight gradients then
+splitting K (the rows) over programs that write fp32 partials summed by torch (GPT-2 shapes have
+few output tiles, 72 to 144 for 132 SMs, and a long K), again deterministic. db2 = dy summed over
+rows in fp32 by torch (a C-wide pass, not a 4C one).
 
 Matmuls: tiles of BLOCK_M x BLOCK_N with fp32 accumulation (fp64 for fp64 inputs) over BLOCK_K
 steps, programs in grouped order (GROUP_M row tiles share a column band, for L2 reuse), a short
@@ -26,7 +28,9 @@ The GELU: "tanh" (GPT-2's, default) g = h * sigmoid(2u), u = sqrt(2/pi) (h + 0.0
 equals 0.5 h (1 + tanh(u)); "none" the exact g = h * Phi(h) with erf, as F.gelu's `approximate`.
 
 fp32 inputs: the dots use true fp32 ("ieee") unless torch.backends.cuda.matmul.allow_tf32 is set,
-then TF32, following what PyTorch's own fp32 matmul does. bf16 in Triton's interpreter: tl.dot
+then TF32, following what PyTorch's own fp32 matmul does. Their GELU and GELU' epilogues compute in
+fp64 (the EPI constexpr), so the stored activation and dh are the accumulator's exact function
+correctly rounded; fp16 and bf16 keep an fp32 epilogue, far below their own rounding. bf16 in Triton's interpreter: tl.dot
 there multiplies bf16 bit patterns, so the tiles are converted to fp32 before the dot there.
 Limits: x (..., C) with any C (C = 0 gives the biases, as F.linear), hidden size and row count
 (edges masked); all five tensors one dtype (as F.linear requires), any strides (biases too, an
@@ -48,6 +52,10 @@ MAX_SPLIT = 8
 # Shared memory the pipelined A and B tiles may take (A100 allows 163 KB per block, H100 227 KB).
 SMEM_BUDGET = 160 * 1024
 _FALLBACK = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8)  # when no config fits the budget
+# Who computes the four plain GEMMs (proj, dx, dW1, dW2): "cublas" (torch.mm / torch.addmm, the
+# default; issue 16: Triton's plain matmul loses to cuBLAS on H100 unless shown otherwise) or
+# "triton" (_mlp_fwd_kernel, split-K for the weight gradients); bench/bench_mlp.py compares both.
+PLAIN_GEMM = "cublas"
 
 
 def gpu_configs(epilogue=False):
@@ -178,7 +186,7 @@ def _mlp_fwd_kernel(
     M, N, K, K_PER_SPLIT, M_KEY, K_KEY,
     stride_am, stride_ak, stride_bk, stride_bn, stride_om, stride_on, stride_os, stride_bias,
     HAS_BIAS: tl.constexpr, GELU: tl.constexpr, STORE_PRE: tl.constexpr, APPROX_TANH: tl.constexpr,
-    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EPI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -190,8 +198,10 @@ def _mlp_fwd_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
+    if GELU:  # the bias add and the GELU in EPI (see _dot_options)
+        acc = acc.to(EPI)
     if HAS_BIAS:
-        acc += tl.load(Bias + cols * stride_bias, mask=cols < N, other=0.0).to(ACC)[None, :]
+        acc += tl.load(Bias + cols * stride_bias, mask=cols < N, other=0.0).to(acc.dtype)[None, :]
     offs = split.to(tl.int64) * stride_os + rows.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
     if GELU:
         if STORE_PRE:
@@ -201,7 +211,7 @@ def _mlp_fwd_kernel(
 
 
 # With h the pre-activation and g = gelu(h): dg = dy @ W2, and dh = dg * gelu'(h) is written here
-# (gelu' applied to the fp32 accumulator, h read in the epilogue). db1 = sum over rows of dh:
+# (gelu' applied to the accumulator in EPI, h read in the epilogue). db1 = sum over rows of dh:
 # program (pid_m, pid_n) writes its tile's fp32 column sums to row pid_m of DBp.
 @triton.jit
 def _mlp_bwd_kernel(
@@ -209,7 +219,7 @@ def _mlp_bwd_kernel(
     M, N, K, M_KEY,
     stride_dym, stride_dyk, stride_wk, stride_wn, stride_pm, stride_pn,
     NEED_DB: tl.constexpr, APPROX_TANH: tl.constexpr,
-    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ACC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EPI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -219,11 +229,12 @@ def _mlp_bwd_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     offs = rows.to(tl.int64)[:, None] * stride_pm + cols[None, :] * stride_pn
-    h = tl.load(Pre + offs, mask=mask, other=0.0).to(ACC)
-    dh = acc * _gelu_grad(h, APPROX_TANH)
+    h = tl.load(Pre + offs, mask=mask, other=0.0).to(EPI)
+    dh = acc.to(EPI) * _gelu_grad(h, APPROX_TANH)
     tl.store(DPre + offs, dh.to(DPre.dtype.element_ty), mask=mask)
     if NEED_DB:
-        tl.store(DBp + pid_m * N + cols, tl.sum(tl.where(mask, dh, 0.0), axis=0), mask=cols < N)
+        db = tl.sum(tl.where(mask, dh, 0.0), axis=0)
+        tl.store(DBp + pid_m * N + cols, db.to(DBp.dtype.element_ty), mask=cols < N)
 
 
 # Two autotuners over one kernel: the plain matmuls (proj, dx, weight gradients) and fc with its GELU.
@@ -246,11 +257,18 @@ _mlp_bwd_tuned = triton.autotune(_EPILOGUE_CONFIGS, key=["M_KEY", "N", "K", "NEE
 # ---------------------------------------------------------------- launchers
 
 def _dot_options(dtype, device):
-    """(ACC, DOT_PRECISION, UPCAST) constexprs for inputs of `dtype`."""
+    """(ACC, DOT_PRECISION, UPCAST, EPI) constexprs for inputs of `dtype`.
+
+    EPI is the dtype the GELU and GELU' epilogues compute in: fp64 for fp32 (and fp64) inputs, so
+    the stored activation and dh are the fp32 accumulator's values correctly rounded (an fp32 exp
+    and division add 1-2 ulp, more than PyTorch's own GELU); fp32 for fp16 and bf16, whose rounding
+    on the store is 2**13 times coarser than the fp32 epilogue's error.
+    """
     tf32 = dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
     precision = "ieee" if dtype in (torch.float32, torch.float64) and not tf32 else "tf32"
     upcast = dtype == torch.bfloat16 and interpreting()
-    return dict(ACC=acc_dtype(dtype), DOT_PRECISION=precision, UPCAST=upcast)
+    epilogue = tl.float64 if dtype in (torch.float32, torch.float64) else tl.float32
+    return dict(ACC=acc_dtype(dtype), DOT_PRECISION=precision, UPCAST=upcast, EPI=epilogue)
 
 
 def rows_key(n):
@@ -302,6 +320,17 @@ def _matmul(a, b, bias=None, gelu=None, store_pre=False, split_ok=False):
     return (out, pre) if gelu else out
 
 
+def _plain_matmul(a, b, bias=None, weight_grad=False):
+    """a @ b (+ bias) in a's dtype by PLAIN_GEMM's backend. cuBLAS accumulates bf16/fp16 products
+    in fp32 (CUBLAS_COMPUTE_32F) and, with one stream and a fixed shape, is bitwise repeatable (no
+    split-K atomics; CUBLAS_WORKSPACE_CONFIG matters only across streams)."""
+    if PLAIN_GEMM == "triton":
+        return _matmul(a, b, bias, split_ok=weight_grad)
+    if PLAIN_GEMM != "cublas":
+        raise ValueError(f"kernels.mlp.PLAIN_GEMM must be 'cublas' or 'triton', got {PLAIN_GEMM!r}")
+    return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+
+
 def _torch_gelu(h, approximate):
     return torch.nn.functional.gelu(h, approximate=approximate)
 
@@ -340,7 +369,7 @@ def _gelu_mlp_fwd(x, fc_weight, fc_bias, proj_weight, proj_bias, approximate, sa
     """Returns y (x.shape[:-1] + (O,)), and when save the pre-activation h and activation g (M, H)."""
     x2 = _rows(x)  # a view whenever x's layout allows; the kernel takes strides
     act, pre = _matmul(x2, fc_weight.t(), fc_bias, gelu=approximate, store_pre=save)
-    y = _matmul(act, proj_weight.t(), proj_bias)
+    y = _plain_matmul(act, proj_weight.t(), proj_bias)
     return y.view(*x.shape[:-1], proj_weight.shape[0]), pre, act
 
 
@@ -353,13 +382,13 @@ def _gelu_mlp_bwd(dy, x, fc_weight, proj_weight, pre, act, approximate, needs):
     if need_dx or need_dw1 or need_db1:
         dpre, db_part = _gelu_grad_matmul(dy2, proj_weight, pre, approximate, need_db1)
         if need_dx:
-            dx = _matmul(dpre, fc_weight).view(x.shape)
+            dx = _plain_matmul(dpre, fc_weight).view(x.shape)
         if need_dw1:
-            dw1 = _matmul(dpre.t(), x2, split_ok=True)
+            dw1 = _plain_matmul(dpre.t(), x2, weight_grad=True)
         if need_db1:
             db1 = db_part.sum(0).to(x.dtype)
     if need_dw2:
-        dw2 = _matmul(dy2.t(), act, split_ok=True)
+        dw2 = _plain_matmul(dy2.t(), act, weight_grad=True)
     if need_db2:
         db2 = dy2.sum(0, dtype=acc_torch_dtype(dy.dtype)).to(x.dtype)
     return dx, dw1, db1, dw2, db2

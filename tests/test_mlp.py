@@ -67,6 +67,37 @@ def test_exact_erf_gelu(dtype, device):
     _check_against_reference(inputs, _dy(inputs), approximate="none")
 
 
+
+def _gelu_exact_fp64(h, approximate):
+    """GELU in fp64 in forms without cancellation (F.gelu's 0.5 h (1 + tanh) and 0.5 h (1 + erf)
+    lose all digits for h << 0): h sigmoid(2u) and 0.5 h erfc(-h / sqrt 2)."""
+    if approximate == "tanh":
+        return h * torch.sigmoid(2 * 0.7978845608028654 * (h + 0.044715 * h**3))
+    return 0.5 * h * torch.special.erfc(-h * 0.7071067811865476)
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_fp32_activation_and_its_derivative_are_correctly_rounded(approximate, device):
+    """With identity weights (C = H = O = 1, no biases) y = gelu(x) and dx = gelu'(x) exactly, so
+    the epilogues' values show unblurred: for fp32 each must be the exact value correctly rounded
+    (the epilogue computes in fp64; an fp32 exp and division are 1-2 ulp off on many of these x).
+    x: multiples of 1/256 in [-5, 8], exact in TF32 too, so h = x whatever the dot; below -5 the
+    erf form's 1 + erf(h / sqrt 2) loses fp32's digits even in fp64 (F.gelu loses all of them)."""
+    x = torch.arange(-1280, 2049, device=device, dtype=torch.float32)[:, None] / 256
+    one = torch.ones(1, 1, device=device)
+    x.requires_grad_(True)
+    y = gelu_mlp(x, one, None, one, None, approximate=approximate)
+    y.backward(torch.ones_like(y))
+    h = x.detach().double().requires_grad_(True)
+    g = _gelu_exact_fp64(h, approximate)
+    (dg,) = torch.autograd.grad(g, h, torch.ones_like(g))
+    for name, actual, exact in (("y", y.detach(), g.detach()), ("dx", x.grad, dg)):
+        best = (exact.float().double() - exact).abs()  # the correctly rounded value's error
+        err = (actual.double() - exact).abs()
+        worse = err > best + 1e-12 * exact.abs()
+        assert not worse.any(), f"{name}: {int(worse.sum())} of {x.numel()} values not correctly rounded, " \
+            f"e.g. x = {x[worse][0].item()}: {actual[worse][0].item()!r} vs {exact[worse][0].item()!r}"
+
 def test_without_biases_and_other_output_width(device):
     inputs = _inputs((33,), 64, 80, torch.float32, device, bias=False, O=72)
     _check_against_reference(inputs, _dy(inputs))
@@ -112,12 +143,33 @@ def test_split_k_weight_gradients(device, monkeypatch):
         splits.append(real(*args))
         return splits[-1]
 
+    monkeypatch.setattr(mlp_module, "PLAIN_GEMM", "triton")
     monkeypatch.setattr(mlp_module, "MIN_K_PER_SPLIT", 64)
     monkeypatch.setattr(mlp_module, "_split_k", spy)
     inputs = _inputs((301,), 64, 96, torch.float16, device)
     _check_against_reference(inputs, _dy(inputs))
     assert splits and all(s > 1 for s, _ in splits)
 
+
+
+@pytest.mark.parametrize("backend", ["cublas", "triton"])
+def test_plain_gemm_backends(backend, device, monkeypatch):
+    """proj, dx, dW1 and dW2 through torch (cuBLAS) or the Triton matmul: both meet the rule, and
+    the switch really changes who computes them (the Triton kernel runs only for "triton")."""
+    launches = []
+    real = mlp_module._matmul
+    monkeypatch.setattr(mlp_module, "_matmul", lambda *a, **k: launches.append(k.get("gelu")) or real(*a, **k))
+    monkeypatch.setattr(mlp_module, "PLAIN_GEMM", backend)
+    inputs = _inputs((37,), 64, 96, torch.float16, device)
+    _check_against_reference(inputs, _dy(inputs))
+    plain = [g for g in launches if g is None]
+    assert len(plain) == (4 if backend == "triton" else 0)
+
+
+def test_unknown_plain_gemm_backend_is_refused(device, monkeypatch):
+    monkeypatch.setattr(mlp_module, "PLAIN_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="PLAIN_GEMM"):
+        gelu_mlp(*_inputs((2,), 8, 16, torch.float32, device))
 
 def test_gradcheck_float64(device):
     inputs = [leaf(t) for t in _inputs((3,), 5, 7, torch.float64, device)]
