@@ -193,28 +193,33 @@ def _same(a, b):
 def _run_views(fn, args, dtype, dy, grads, kwargs, strict=False):
     """fn(*views) and its backward with dy; args are (base, view_fn) pairs (base None: the
     argument is None) or plain values. Float bases become leaves of `dtype` (requiring grad where
-    `grads` says so); returns [out] + the bases' gradients (None where none was asked).
+    `grads` says so); returns [out] + the views' gradients (None where none was asked): what the op
+    itself returns for each argument, before autograd sums a stride-0 view's gradient into its
+    base (that fp32 sum is autograd's, and ill-conditioned sums of it would only compare rounding).
     strict: also assert that no input (base or plain tensor) is modified and that a second
     backward pass over the same graph gives bitwise the same gradients."""
-    leaves, call = [], []
+    views, call = [], []
     for arg, want_grad in zip(args, grads):
         if not isinstance(arg, tuple):
-            leaves.append(None)
+            views.append(None)
             call.append(arg)
             continue
         base, view = arg
         if base is not None and base.is_floating_point():
             base = leaf(base.to(dtype), want_grad)
-        leaves.append(base if want_grad else None)
-        call.append(None if base is None else view(base))
+        t = None if base is None else view(base)
+        if want_grad and t is not None:
+            t.retain_grad()
+        views.append(t if want_grad else None)
+        call.append(t)
     inputs = [t for t in call if isinstance(t, torch.Tensor)]
     before = [t.detach().clone() for t in inputs] if strict else []
     out = fn(*call, **kwargs)
     dy = dy(out) if callable(dy) else dy
-    wanted = [t for t in leaves if t is not None]
+    wanted = [t for t in views if t is not None]
     if out.requires_grad:
         out.backward(dy.to(out.dtype), retain_graph=strict)
-    got = [out] + [None if t is None else t.grad for t in leaves]
+    got = [out] + [None if t is None else t.grad for t in views]
     if strict and out.requires_grad:
         first = [t.grad.clone() for t in wanted]
         for t in wanted:
@@ -232,7 +237,7 @@ def assert_differential(kernel, reference, args, dtype, dy, grads, names, strict
     reference in float64 (the oracle) and reference in `dtype` (PyTorch's own error).
     args: (base, view_fn) pairs, see viewer(), or plain values (targets, None); grads: one bool per
     argument, whether its base requires grad; dy: the output gradient, or a function of the
-    output giving it. Gradients are compared on the bases. strict: see _run_views."""
+    output giving it. Gradients are compared on the views the op receives. strict: see _run_views."""
     oracle = _run_views(reference, args, torch.float64, dy, grads, kwargs)
     baseline = _run_views(reference, args, dtype, dy, grads, kwargs)
     actual = _run_views(kernel, args, dtype, dy, grads, kwargs, strict=strict)

@@ -160,13 +160,6 @@ def test_flash_attention(case):
     check(flash_attention, reference.flash_attention, case, ("o", "dq", "dk", "dv"))
 
 
-# The MLP's own values are at or below PyTorch's error (the fp32 GELU epilogue is correctly rounded,
-# tests/test_mlp.py), but the 2x rule is blind to conditioning: a stride-0 (expanded) parameter's
-# gradient is autograd's fp32 sum of many entries that cancel (sum |terms| / |result| ~ 25-200 in
-# the failing draws), and the same summation's rounding, luckily small for PyTorch's entries, is up
-# to ~10x larger for the kernel's more accurate ones; small-H outputs cancel the same way.
-@pytest.mark.xfail(reason="open: the 2x rule's slack ignores cancellation in sums over expanded parameters and "
-                          "small H (fp32 dproj_weight, dfc_bias, y; bf16 y); see the comment", strict=False)
 @given(mlp_cases())
 def test_gelu_mlp(case):
     check(gelu_mlp, reference.gelu_mlp, case, ("y", "dx", "dfc_weight", "dfc_bias", "dproj_weight", "dproj_bias"))
