@@ -2,7 +2,7 @@
 
 Forward: each program owns BLOCK_M queries of one (batch, head) and walks the keys in tiles of
 BLOCK_N with an online softmax (running max m and sum l, fp32 accumulators), in base 2: scores are
-multiplied by sm_scale * log2(e) once and exponentiated with exp2. Key tiles every query of the tile
+multiplied by sm_scale * log2(e) inside the exponent's FMA, exp2(qk * c - m). Key tiles every query of the tile
 sees run unmasked; only the tiles that cross the causal diagonal or the end of the keys are masked;
 tiles past the diagonal are never visited. Per query row the logsumexp (base 2, fp32) is saved.
 Backward: delta = rowsum(dO * O) in a small kernel; then one kernel per key tile accumulates dK and
@@ -102,14 +102,16 @@ def _share_docs(qdoc, kdoc):
 
 @triton.jit
 def _scores(qk, qk_scale, cap, SOFTCAP: tl.constexpr):
-    """(s, t): base-2 scores from the raw dot products qk, and t for the softcap's derivative.
-    Plain: s = qk * qk_scale with qk_scale = sm_scale * log2(e) (t unused).
-    SOFTCAP: s = cap * t, t = tanh(qk * qk_scale), with qk_scale = sm_scale / softcap and
+    """(x, c, t): the base-2 scores are x * c, left unscaled so the scale folds into the
+    exponent's FMA, exp2(x * c - m); t is for the softcap's derivative. The launcher makes c > 0
+    (so a masked x = -inf stays -inf and max(x) * c is the max of the scores).
+    Plain: x = qk, c = qk_scale = sm_scale * log2(e) (t unused).
+    SOFTCAP: x = cap * t, c = 1, t = tanh(qk * qk_scale), with qk_scale = sm_scale / softcap and
     cap = softcap * log2(e): softcap * tanh(sm_scale * qk / softcap) in base 2."""
     if SOFTCAP:
         t = tanh(qk * qk_scale)
-        return cap * t, t
-    return qk * qk_scale, qk
+        return cap * t, 1.0, t
+    return qk, qk_scale, qk
 
 
 @triton.jit
@@ -168,17 +170,17 @@ def _attention_fwd_tile(
     """Fold the key tile offs_n into the running (acc, l, m); MASKED applies the mask."""
     k = _load_rows(K, offs_n, offs_d, stride_kn, stride_kd, Tk, MASKED)
     v = _load_rows(V, offs_n, offs_d, stride_vn, stride_vd, Tk, MASKED)
-    s, _t = _scores(_dot(q, tl.trans(k), IN_DTYPE, UPCAST, PREC), qk_scale, cap, SOFTCAP)
+    x, c, _t = _scores(_dot(q, tl.trans(k), IN_DTYPE, UPCAST, PREC), qk_scale, cap, SOFTCAP)
     if MASKED:
         keep = _visible(offs_m[:, None], offs_n[None, :], Tq, Tk, window, qdoc[:, None], kdoc[None, :],
                         CAUSAL, HAS_WINDOW, HAS_DOCS)
-        s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+        x = tl.where(keep, x, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(x, 1) * c)
     if MASKED:  # a row with no visible key so far keeps m = -inf: subtract 0 instead (p = 0)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_use = m_new
-    p = tl.math.exp2(s - m_use[:, None])
+    p = tl.math.exp2(x * c - m_use[:, None])  # one FMA, one rounding, then exp2
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + _dot(p, v, IN_DTYPE, UPCAST, PREC)
@@ -214,7 +216,7 @@ def _attention_fwd_tiles(
 
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, O, Lse, Docs,
+    Q, K, V, O, Stats, Docs,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -261,15 +263,19 @@ def _attention_fwd_kernel(
         mid_hi, hi, Tq, Tk, qk_scale, cap, window,
         True, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, BLOCK_N)
 
-    # A row that saw no key has l = 0: output 0, and logsumexp +inf so the backward's
-    # exp2(s - lse) is 0 for it.
+    # The softmax statistics m (base 2) and 1/l are saved apart, not as one logsumexp
+    # m + log2(l): rounding that sum to fp32 costs half an ulp of m, a relative error of up to
+    # ulp(m) in every probability the backward rebuilds (16x fp32's eps at m ~ 30, what a peaked
+    # softmax reaches), where exp2(x * c - m) * (1 / l) costs one ulp of the small x * c - m.
+    # A row that saw no key has l = 0: output 0, and m = +inf so the backward's p is 0 for it.
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
-    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
     tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, o.to(O.dtype.element_ty),
              mask=row_ok[:, None])
-    tl.store(Lse + bh * Tq + offs_m, lse, mask=row_ok)
+    Stats += bh * 2 * Tq + offs_m
+    tl.store(Stats, tl.where(empty, float("inf"), m_i), mask=row_ok)
+    tl.store(Stats + Tq, 1.0 / l_safe, mask=row_ok)
 
 
 @triton.jit
@@ -298,16 +304,28 @@ def _attention_bwd_delta_kernel(
 # (which equals rowsum(P * dP)_i):
 #   dV = P^T dO,   dP = dO V^T,   dC = P * (dP - delta),   dS = dC * (1 - tanh^2(S / softcap))
 #   (dS = dC without a cap),   dQ = sm_scale * dS K,   dK = sm_scale * dS^T Q
-# P is recomputed as exp2(C * log2(e) - lse2) from the forward's base-2 logsumexp (+inf for
-# padding rows and rows that see no key, which makes their P exactly 0). With GQA a kv head's dK
+# P is recomputed as exp2(C * log2(e) - m) * (1 / l) from the forward's row statistics (m = +inf
+# for padding rows and rows that see no key, which makes their P exactly 0). With GQA a kv head's dK
 # and dV sum this over the query heads of its group, in one program, in a fixed order.
+@triton.jit
+def _load_stats(Stats, Delta, offs_m, Tq, CHECK: tl.constexpr):
+    """(m, 1/l, delta) of the queries offs_m (Stats: one head's [m; 1/l] rows of Tq); with CHECK,
+    queries past Tq read m = +inf, which makes their probabilities 0."""
+    if CHECK:
+        ok = offs_m < Tq
+        return (tl.load(Stats + offs_m, mask=ok, other=float("inf")),
+                tl.load(Stats + Tq + offs_m, mask=ok, other=0.0),
+                tl.load(Delta + offs_m, mask=ok, other=0.0))
+    return tl.load(Stats + offs_m), tl.load(Stats + Tq + offs_m), tl.load(Delta + offs_m)
+
+
 @triton.jit
 def _query_range(n0, Tq, Tk, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                  HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """For the keys [n0, n0 + BLOCK_N): (lo, mid_lo, mid_hi, hi). Query tiles in [mid_lo, mid_hi)
     see all of these keys (no mask); tiles in [lo, mid_lo) and [mid_hi, hi) see some (mask);
     queries before lo and from hi on see none. [mid_hi, hi) may hold a last partial tile unmasked
-    is fine there: its padding rows have lse = +inf."""
+    is fine there: its padding rows have m = +inf."""
     off = Tk - Tq
     if CAUSAL:
         first = tl.minimum(tl.maximum(n0 - off, 0), Tq)  # the first query that sees key n0
@@ -332,7 +350,7 @@ def _query_range(n0, Tq, Tk, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.conste
 
 @triton.jit
 def _attention_bwd_dkdv_tile(
-    dk, dv, k, v, Q, DO, Lse, Delta, stride_qm, stride_qd, stride_dom, stride_dod, offs_m, offs_n,
+    dk, dv, k, v, Q, DO, Stats, Delta, stride_qm, stride_qd, stride_dom, stride_dod, offs_m, offs_n,
     offs_d, qdoc, kdoc, Tq, Tk, qk_scale, cap, window,
     MASKED: tl.constexpr, EVEN_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_DOCS: tl.constexpr, IN_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
@@ -344,14 +362,9 @@ def _attention_bwd_dkdv_tile(
     # on the masked tiles and when Tq is not a multiple of the tile.
     q = _load_rows(Q, offs_m, offs_d, stride_qm, stride_qd, Tq, MASKED or not EVEN_M)
     do = _load_rows(DO, offs_m, offs_d, stride_dom, stride_dod, Tq, MASKED or not EVEN_M)
-    if MASKED or not EVEN_M:
-        lse = tl.load(Lse + offs_m, mask=offs_m < Tq, other=float("inf"))
-        delta = tl.load(Delta + offs_m, mask=offs_m < Tq, other=0.0)
-    else:
-        lse = tl.load(Lse + offs_m)
-        delta = tl.load(Delta + offs_m)
-    s_t, t_t = _scores(_dot(k, tl.trans(q), IN_DTYPE, UPCAST, PREC), qk_scale, cap, SOFTCAP)
-    p_t = tl.math.exp2(s_t - lse[None, :])
+    m, rl, delta = _load_stats(Stats, Delta, offs_m, Tq, MASKED or not EVEN_M)
+    x_t, c, t_t = _scores(_dot(k, tl.trans(q), IN_DTYPE, UPCAST, PREC), qk_scale, cap, SOFTCAP)
+    p_t = tl.math.exp2(x_t * c - m[None, :]) * rl[None, :]
     if MASKED:
         keep = _visible(offs_m[None, :], offs_n[:, None], Tq, Tk, window, qdoc[None, :], kdoc[:, None],
                         CAUSAL, HAS_WINDOW, HAS_DOCS)
@@ -367,7 +380,7 @@ def _attention_bwd_dkdv_tile(
 
 @triton.jit
 def _attention_bwd_dkdv_tiles(
-    dk, dv, k, v, Q, DO, Lse, Delta, Docs, stride_qm, stride_qd, stride_dom, stride_dod, offs_n,
+    dk, dv, k, v, Q, DO, Stats, Delta, Docs, stride_qm, stride_qd, stride_dom, stride_dod, offs_n,
     offs_d, kdoc, lo, hi, Tq, Tk, qk_scale, cap, window,
     MASKED: tl.constexpr, EVEN_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr, HAS_DOCS: tl.constexpr, IN_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
@@ -381,12 +394,12 @@ def _attention_bwd_dkdv_tiles(
             qdoc = _load_docs(Docs, offs_m, Tq)
             if _share_docs(qdoc, kdoc):
                 dk, dv = _attention_bwd_dkdv_tile(
-                    dk, dv, k, v, Q, DO, Lse, Delta, stride_qm, stride_qd, stride_dom, stride_dod, offs_m,
+                    dk, dv, k, v, Q, DO, Stats, Delta, stride_qm, stride_qd, stride_dom, stride_dod, offs_m,
                     offs_n, offs_d, qdoc, kdoc, Tq, Tk, qk_scale, cap, window,
                     MASKED, EVEN_M, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC)
         else:
             dk, dv = _attention_bwd_dkdv_tile(
-                dk, dv, k, v, Q, DO, Lse, Delta, stride_qm, stride_qd, stride_dom, stride_dod, offs_m,
+                dk, dv, k, v, Q, DO, Stats, Delta, stride_qm, stride_qd, stride_dom, stride_dod, offs_m,
                 offs_n, offs_d, offs_m, kdoc, Tq, Tk, qk_scale, cap, window,
                 MASKED, EVEN_M, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC)
     return dk, dv
@@ -394,7 +407,7 @@ def _attention_bwd_dkdv_tiles(
 
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, Docs,
+    Q, K, V, DO, Stats, Delta, DK, DV, Docs,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -434,18 +447,18 @@ def _attention_bwd_dkdv_kernel(
         h = hk * GROUP + g
         Qh = Q + b * stride_qb + h * stride_qh
         DOh = DO + b * stride_dob + h * stride_doh
-        Lse_h = Lse + (b * H + h) * Tq
+        Stats_h = Stats + (b * H + h) * 2 * Tq
         Delta_h = Delta + (b * H + h) * Tq
         dk, dv = _attention_bwd_dkdv_tiles(
-            dk, dv, k, v, Qh, DOh, Lse_h, Delta_h, Docs, stride_qm, stride_qd, stride_dom, stride_dod,
+            dk, dv, k, v, Qh, DOh, Stats_h, Delta_h, Docs, stride_qm, stride_qd, stride_dom, stride_dod,
             offs_n, offs_d, kdoc, lo, mid_lo, Tq, Tk, qk_scale, cap, window,
             True, EVEN_M, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, BLOCK_M)
         dk, dv = _attention_bwd_dkdv_tiles(
-            dk, dv, k, v, Qh, DOh, Lse_h, Delta_h, Docs, stride_qm, stride_qd, stride_dom, stride_dod,
+            dk, dv, k, v, Qh, DOh, Stats_h, Delta_h, Docs, stride_qm, stride_qd, stride_dom, stride_dod,
             offs_n, offs_d, kdoc, mid_lo, mid_hi, Tq, Tk, qk_scale, cap, window,
             False, EVEN_M, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, BLOCK_M)
         dk, dv = _attention_bwd_dkdv_tiles(
-            dk, dv, k, v, Qh, DOh, Lse_h, Delta_h, Docs, stride_qm, stride_qd, stride_dom, stride_dod,
+            dk, dv, k, v, Qh, DOh, Stats_h, Delta_h, Docs, stride_qm, stride_qd, stride_dom, stride_dod,
             offs_n, offs_d, kdoc, mid_hi, hi, Tq, Tk, qk_scale, cap, window,
             True, EVEN_M, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, BLOCK_M)
 
@@ -456,7 +469,7 @@ def _attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _attention_bwd_dq_tile(
-    dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_n, offs_d,
+    dq, q, do, m, rl, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_n, offs_d,
     qdoc, kdoc, Tq, Tk, qk_scale, cap, window,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_DOCS: tl.constexpr, IN_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
@@ -464,8 +477,8 @@ def _attention_bwd_dq_tile(
     """Add one key tile's share to dQ of one query tile; MASKED as in the forward."""
     k = _load_rows(K, offs_n, offs_d, stride_kn, stride_kd, Tk, MASKED)
     v = _load_rows(V, offs_n, offs_d, stride_vn, stride_vd, Tk, MASKED)
-    s, t = _scores(_dot(q, tl.trans(k), IN_DTYPE, UPCAST, PREC), qk_scale, cap, SOFTCAP)
-    p = tl.math.exp2(s - lse[:, None])
+    x, c, t = _scores(_dot(q, tl.trans(k), IN_DTYPE, UPCAST, PREC), qk_scale, cap, SOFTCAP)
+    p = tl.math.exp2(x * c - m[:, None]) * rl[:, None]
     if MASKED:
         keep = _visible(offs_m[:, None], offs_n[None, :], Tq, Tk, window, qdoc[:, None], kdoc[None, :],
                         CAUSAL, HAS_WINDOW, HAS_DOCS)
@@ -479,7 +492,7 @@ def _attention_bwd_dq_tile(
 
 @triton.jit
 def _attention_bwd_dq_tiles(
-    dq, q, do, lse, delta, K, V, Docs, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d,
+    dq, q, do, m, rl, delta, K, V, Docs, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d,
     qdoc, lo, hi, Tq, Tk, qk_scale, cap, window,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_DOCS: tl.constexpr, IN_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
@@ -492,12 +505,12 @@ def _attention_bwd_dq_tiles(
             kdoc = _load_docs(Docs, offs_n, Tk)
             if _share_docs(qdoc, kdoc):
                 dq = _attention_bwd_dq_tile(
-                    dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_m,
+                    dq, q, do, m, rl, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_m,
                     offs_n, offs_d, qdoc, kdoc, Tq, Tk, qk_scale, cap, window,
                     MASKED, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC)
         else:
             dq = _attention_bwd_dq_tile(
-                dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_m,
+                dq, q, do, m, rl, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_m,
                 offs_n, offs_d, qdoc, offs_n, Tq, Tk, qk_scale, cap, window,
                 MASKED, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC)
     return dq
@@ -505,7 +518,7 @@ def _attention_bwd_dq_tiles(
 
 @triton.jit
 def _attention_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, Docs,
+    Q, K, V, DO, Stats, Delta, DQ, Docs,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -528,8 +541,7 @@ def _attention_bwd_dq_kernel(
     row_ok = offs_m < Tq
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Tq, True)
     do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, Tq, True)
-    lse = tl.load(Lse + bh * Tq + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(Delta + bh * Tq + offs_m, mask=row_ok, other=0.0)
+    m, rl, delta = _load_stats(Stats + bh * 2 * Tq, Delta + bh * Tq, offs_m, Tq, True)
     IN_DTYPE: tl.constexpr = Q.dtype.element_ty
     if HAS_DOCS:
         Docs += b * stride_docb
@@ -539,13 +551,13 @@ def _attention_bwd_dq_kernel(
 
     dq = tl.zeros((BLOCK_M, HEAD_D), dtype=ACC)
     lo, mid_lo, mid_hi, hi = _key_range(m0, Tq, Tk, window, CAUSAL, HAS_WINDOW, HAS_DOCS, BLOCK_M, BLOCK_N)
-    dq = _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, Docs, stride_kn, stride_kd, stride_vn, stride_vd,
+    dq = _attention_bwd_dq_tiles(dq, q, do, m, rl, delta, K, V, Docs, stride_kn, stride_kd, stride_vn, stride_vd,
                                  offs_m, offs_d, qdoc, lo, mid_lo, Tq, Tk, qk_scale, cap, window,
                                  True, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, BLOCK_N)
-    dq = _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, Docs, stride_kn, stride_kd, stride_vn, stride_vd,
+    dq = _attention_bwd_dq_tiles(dq, q, do, m, rl, delta, K, V, Docs, stride_kn, stride_kd, stride_vn, stride_vd,
                                  offs_m, offs_d, qdoc, mid_lo, mid_hi, Tq, Tk, qk_scale, cap, window,
                                  False, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, BLOCK_N)
-    dq = _attention_bwd_dq_tiles(dq, q, do, lse, delta, K, V, Docs, stride_kn, stride_kd, stride_vn, stride_vd,
+    dq = _attention_bwd_dq_tiles(dq, q, do, m, rl, delta, K, V, Docs, stride_kn, stride_kd, stride_vn, stride_vd,
                                  offs_m, offs_d, qdoc, mid_hi, hi, Tq, Tk, qk_scale, cap, window,
                                  True, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, BLOCK_N)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
@@ -603,9 +615,20 @@ def _strides(*tensors):
     return [s for t in tensors for s in t.stride()]
 
 
+def _positive_scale(q, sm_scale):
+    """(q', scale') with q' . k * scale' == q . k * sm_scale exactly and scale' > 0, which the
+    kernels assume (_scores). Negation is exact; a zero scale becomes q' = 0 at scale 1 (every
+    score exactly 0). Only a scale <= 0 costs a copy of q."""
+    if sm_scale > 0:
+        return q, sm_scale
+    if sm_scale < 0:
+        return -q, -sm_scale
+    return torch.zeros_like(q), 1.0
+
+
 def _options(q, causal, sm_scale, window, softcap, doc_ids):
     """(scalars, constexprs) every kernel but delta takes: scalars = (docs, stride_docb, qk_scale,
-    cap, window) as _scores and _visible read them (docs: int64 ids, or None)."""
+    cap, window) as _scores and _visible read them (docs: int64 ids, or None); sm_scale > 0."""
     if softcap is None:
         qk_scale, cap = sm_scale * LOG2E, 0.0
     else:
@@ -618,19 +641,25 @@ def _options(q, causal, sm_scale, window, softcap, doc_ids):
 
 
 def _attention_fwd(q, k, v, causal, sm_scale, window, softcap, doc_ids):
-    """(o, lse): the output (q's dtype, _empty_bthd layout) and the base-2 logsumexp (B, H, Tq),
-    fp32 (fp64 for fp64 inputs)."""
+    """(o, stats): the output (q's dtype, _empty_bthd layout) and the softmax statistics
+    (B, H, 2, Tq): per query the base-2 row max m and 1 / l (fp32; fp64 for fp64 inputs)."""
     B, H, Tq, D = q.shape
     H_kv, Tk = k.shape[1], k.shape[2]
     o = _empty_bthd(B, H, Tq, D, q)
-    lse = torch.empty((B, H, Tq), dtype=acc_torch_dtype(q.dtype), device=q.device)
+    stats = _empty_stats(q)
+    q, sm_scale = _positive_scale(q, sm_scale)
     (docs, stride_docb, qk_scale, cap, win), constexprs = _options(q, causal, sm_scale, window, softcap, doc_ids)
-    args = (q, k, v, o, lse, docs, *_strides(q, k, v, o), stride_docb, H, H // H_kv, Tq, Tk, qk_scale, cap, win)
+    args = (q, k, v, o, stats, docs, *_strides(q, k, v, o), stride_docb, H, H // H_kv, Tq, Tk, qk_scale, cap, win)
     _launch(_attention_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(Tq, bm), B * H), args, constexprs, Tq, Tk)
-    return o, lse
+    return o, stats
 
 
-def _attention_bwd(do, q, k, v, o, lse, causal, sm_scale, window, softcap, doc_ids):
+def _empty_stats(q):
+    B, H, Tq, _ = q.shape
+    return torch.empty((B, H, 2, Tq), dtype=acc_torch_dtype(q.dtype), device=q.device)
+
+
+def _attention_bwd(do, q, k, v, o, stats, causal, sm_scale, window, softcap, doc_ids):
     """(dq, dk, dv) in the inputs' dtype, each in _empty_bthd layout (dk, dv with k's heads)."""
     B, H, Tq, D = q.shape
     H_kv, Tk = k.shape[1], k.shape[2]
@@ -643,17 +672,21 @@ def _attention_bwd(do, q, k, v, o, lse, causal, sm_scale, window, softcap, doc_i
     dq = _empty_bthd(B, H, Tq, D, q)
     dk = _empty_bthd(B, H_kv, Tk, D, k)
     dv = _empty_bthd(B, H_kv, Tk, D, v)
+    dq_scale = sm_scale  # dQ = sm_scale * dS K;  dK = sm_scale * dS^T Q = scale' * dS^T Q'
+    q, sm_scale = _positive_scale(q, sm_scale)
     (docs, stride_docb, qk_scale, cap, win), options = _options(q, causal, sm_scale, window, softcap, doc_ids)
-    scalars = (stride_docb, H, H // H_kv, Tq, Tk, qk_scale, sm_scale, cap, win)
+    scalars = (stride_docb, H, H // H_kv, Tq, Tk, qk_scale)
+    rest = (cap, win)
     # EVEN_M is fixed per launch, before autotuning picks BLOCK_M: it holds when Tq is a multiple
     # of every query tile a dK/dV config may use.
     configs = [INTERPRET_CONFIG["dkdv"]] if interpreting() else cuda_configs("dkdv", D, q.dtype)
     even_m = all(Tq % bm == 0 for bm, *_ in configs)
     _launch(_attention_bwd_dkdv_kernel, "dkdv", lambda bm, bn: (triton.cdiv(Tk, bn), B * H_kv),
-            (q, k, v, do, lse, delta, dk, dv, docs, *_strides(q, k, v, do, dk), *scalars),
+            (q, k, v, do, stats, delta, dk, dv, docs, *_strides(q, k, v, do, dk), *scalars, sm_scale, *rest),
             dict(options, EVEN_M=even_m), Tq, Tk)
     _launch(_attention_bwd_dq_kernel, "dq", lambda bm, bn: (triton.cdiv(Tq, bm), B * H),
-            (q, k, v, do, lse, delta, dq, docs, *_strides(q, k, v, do, dq), *scalars), options, Tq, Tk)
+            (q, k, v, do, stats, delta, dq, docs, *_strides(q, k, v, do, dq), *scalars, dq_scale, *rest),
+            options, Tq, Tk)
     return dq, dk, dv
 
 
@@ -669,20 +702,20 @@ def flash_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
 @flash_attention_fwd_op.register_fake
 def _(q, k, v, causal, sm_scale, window=None, softcap=None, doc_ids=None):
     B, H, Tq, D = q.shape
-    return _empty_bthd(B, H, Tq, D, q), q.new_empty((B, H, Tq), dtype=acc_torch_dtype(q.dtype))
+    return _empty_bthd(B, H, Tq, D, q), _empty_stats(q)
 
 
 @torch.library.custom_op("tritongpt::flash_attention_bwd", mutates_args=())
 def flash_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           o: torch.Tensor, lse: torch.Tensor, causal: bool, sm_scale: float,
+                           o: torch.Tensor, stats: torch.Tensor, causal: bool, sm_scale: float,
                            window: Optional[int] = None, softcap: Optional[float] = None,
                            doc_ids: Optional[torch.Tensor] = None
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _attention_bwd(do, q, k, v, o, lse, causal, sm_scale, window, softcap, doc_ids)
+    return _attention_bwd(do, q, k, v, o, stats, causal, sm_scale, window, softcap, doc_ids)
 
 
 @flash_attention_bwd_op.register_fake
-def _(do, q, k, v, o, lse, causal, sm_scale, window=None, softcap=None, doc_ids=None):
+def _(do, q, k, v, o, stats, causal, sm_scale, window=None, softcap=None, doc_ids=None):
     B, H, Tq, D = q.shape
     H_kv, Tk = k.shape[1], k.shape[2]
     return _empty_bthd(B, H, Tq, D, q), _empty_bthd(B, H_kv, Tk, D, k), _empty_bthd(B, H_kv, Tk, D, v)
@@ -690,16 +723,16 @@ def _(do, q, k, v, o, lse, causal, sm_scale, window=None, softcap=None, doc_ids=
 
 def _setup_context(ctx, inputs, output):
     q, k, v, causal, sm_scale, window, softcap, doc_ids = inputs
-    o, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, o, lse, doc_ids)
+    o, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(q, k, v, o, stats, doc_ids)
     ctx.options = (causal, sm_scale, window, softcap)
 
 
-def _backward(ctx, do, _dlse):
-    q, k, v, o, lse, doc_ids = ctx.saved_tensors
+def _backward(ctx, do, _dstats):
+    q, k, v, o, stats, doc_ids = ctx.saved_tensors
     causal, sm_scale, window, softcap = ctx.options
-    dq, dk, dv = flash_attention_bwd_op(do, q, k, v, o, lse, causal, sm_scale, window, softcap, doc_ids)
+    dq, dk, dv = flash_attention_bwd_op(do, q, k, v, o, stats, causal, sm_scale, window, softcap, doc_ids)
     return dq, dk, dv, None, None, None, None, None
 
 

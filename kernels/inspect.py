@@ -180,7 +180,7 @@ def _attention_launch(at, kind, D, dtype, pointers, strided, features):
 
 def _attention_fwd(at, D, dtype, features="plain"):
     p = "*" + dtype
-    return _attention_launch(at, "fwd", D, dtype, (("Q", p), ("K", p), ("V", p), ("O", p), ("Lse", "*fp32")),
+    return _attention_launch(at, "fwd", D, dtype, (("Q", p), ("K", p), ("V", p), ("O", p), ("Stats", "*fp32")),
                              (("stride_q", "in"), ("stride_k", "in"), ("stride_v", "in"), ("stride_o", "out")),
                              features)
 
@@ -189,7 +189,7 @@ def _attention_bwd_dkdv(at, D, dtype, features="plain"):
     p = "*" + dtype
     return _attention_launch(
         at, "dkdv", D, dtype,
-        (("Q", p), ("K", p), ("V", p), ("DO", p), ("Lse", "*fp32"), ("Delta", "*fp32"), ("DK", p), ("DV", p)),
+        (("Q", p), ("K", p), ("V", p), ("DO", p), ("Stats", "*fp32"), ("Delta", "*fp32"), ("DK", p), ("DV", p)),
         (("stride_q", "in"), ("stride_k", "in"), ("stride_v", "in"), ("stride_do", "out"), ("stride_dk", "out")),
         features)
 
@@ -198,7 +198,7 @@ def _attention_bwd_dq(at, D, dtype, features="plain"):
     p = "*" + dtype
     return _attention_launch(
         at, "dq", D, dtype,
-        (("Q", p), ("K", p), ("V", p), ("DO", p), ("Lse", "*fp32"), ("Delta", "*fp32"), ("DQ", p)),
+        (("Q", p), ("K", p), ("V", p), ("DO", p), ("Stats", "*fp32"), ("Delta", "*fp32"), ("DQ", p)),
         (("stride_q", "in"), ("stride_k", "in"), ("stride_v", "in"), ("stride_do", "out"), ("stride_dq", "out")),
         features)
 
