@@ -4,10 +4,10 @@ Forward: each program owns BLOCK_M queries of one (batch, head) and walks the ke
 BLOCK_N with an online softmax (running max m and sum l, fp32 accumulators), in base 2: scores are
 multiplied by sm_scale * log2(e) inside the exponent's FMA, exp2(qk * c - m). Key tiles every query of the tile
 sees run unmasked; only the tiles that cross the causal diagonal or the end of the keys are masked;
-tiles past the diagonal are never visited. Per query row the logsumexp (base 2, fp32) is saved.
+tiles past the diagonal are never visited. Per query row m (base 2) and 1/l are saved, in fp32.
 Backward: delta = rowsum(dO * O) in a small kernel; then one kernel per key tile accumulates dK and
 dV over the query tiles that see it, and one kernel per query tile accumulates dQ over its key
-tiles, both recomputing the probabilities from the saved logsumexp. Every gradient element is
+tiles, both recomputing the probabilities from those two statistics. Every gradient element is
 written by exactly one program (no float atomics), so repeated backward passes are bitwise equal.
 
 Semantics (== F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=sm_scale) for Tq == Tk):
