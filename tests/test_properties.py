@@ -152,9 +152,6 @@ def test_layer_norm(case):
     check(layer_norm, reference.layer_norm, case, ("y", "dx", "dweight", "dbias"))
 
 
-# Open findings of this suite (issue 14), not yet fixed: failing cases print their draw.
-@pytest.mark.xfail(reason="open: fp32 dk up to ~3.6x PyTorch's error (causal, sm_scale 0.3), found by "
-                          "this suite; see the issue-14 report", strict=False)
 @given(attention_cases())
 def test_flash_attention(case):
     check(flash_attention, reference.flash_attention, case, ("o", "dq", "dk", "dv"))
