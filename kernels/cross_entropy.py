@@ -74,24 +74,84 @@ def _capped(x, softcap, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _cross_entropy_grad_row(
-    X, G, stride_xv, stride_gv, V, m, log_s, target, scale, valid, bad, smoothing, z_loss, softcap,
-    SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+def _row_split(row, stride_xm, V, ALIGN: tl.constexpr, VEC: tl.constexpr):
+    """(head, body, offset) of one row: with ALIGN (contiguous rows, 16-byte aligned base
+    pointers), the first `head` < VEC elements run up to the row's first 16-byte boundary and the
+    next `body` elements (a multiple of VEC = 16 bytes' worth) start on it, at element `offset` of
+    the tensor (a multiple of VEC, hinted so: the body then loads and stores 128 bits at a time);
+    the rest (< VEC) is the tail. Without ALIGN the whole row is the body."""
+    if ALIGN:
+        head = tl.minimum((VEC - (row * stride_xm) % VEC) % VEC, V)  # a short row may end first
+        body = tl.multiple_of((V - head) // VEC * VEC, VEC)
+        offset = tl.multiple_of(row * stride_xm + head, VEC)
+    else:
+        head = row * 0  # int64, like the aligned branch's
+        body = V + head
+        offset = row * stride_xm
+    return head, body, offset
+
+
+@triton.jit
+def _edges(head, body, V, VEC: tl.constexpr):
+    """Columns and mask of the head and tail of a split row as one 2 * VEC tile."""
+    idx = tl.arange(0, 2 * VEC)
+    cols = tl.where(idx < VEC, idx, head + body + idx - VEC).to(tl.int64)
+    return cols, tl.where(idx < VEC, idx < head, cols < V)
+
+
+@triton.jit
+def _softmax_step(x, mask, m, s, x_sum, softcap, SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """One tile of the online softmax: the running max m, the sum s of exp(x - m), and (for label
+    smoothing) the sum of x. x is -inf on masked columns; an all-masked tile changes nothing."""
+    if SOFTCAP:  # padding columns stay -inf (the cap would make them -softcap)
+        x = tl.where(mask, _capped(x, softcap, SOFTCAP)[0], float("-inf"))
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    seen = m_new != float("-inf")  # exp(-inf - -inf) would be nan
+    s = tl.where(seen, s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0), s)
+    if HAS_SMOOTHING:
+        x_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
+    return m_new, s, x_sum
+
+
+@triton.jit
+def _grad_tile(
+    X, G, cols, mask, stride_xv, stride_gv, V, m, log_s, target, scale, valid, bad, smoothing, z_loss,
+    softcap, SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr, ACC: tl.constexpr,
 ):
-    """One row's gradient pass; X and G already point at the row (G may be X: same program)."""
-    for start in range(0, V, BLOCK_V):
+    """The gradient of one tile of a row: X and G point at column 0 of the tile's frame, target is
+    the target's column in that frame."""
+    y, t = _capped(tl.load(X + cols * stride_xv, mask=mask, other=0.0).to(ACC), softcap, SOFTCAP)
+    p = tl.exp((y - m) - log_s)  # the softmax, rounded as PyTorch's
+    if Z_LOSS:
+        p = p * (1.0 + 2.0 * z_loss * (m + log_s))
+    g = p - smoothing / V - tl.where(cols == target, 1.0 - smoothing, 0.0)
+    if SOFTCAP:
+        g = g * (1.0 - t * t)
+    g = tl.where(valid, g * scale, 0.0)
+    g = tl.where(bad, float("nan"), g)
+    tl.store(G + cols * stride_gv, g.to(G.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _cross_entropy_grad_row(
+    X, G, row, stride_xm, stride_xv, stride_gm, stride_gv, V, m, log_s, target, scale, valid, bad,
+    smoothing, z_loss, softcap,
+    SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr, ALIGN: tl.constexpr, VEC: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """One row's gradient pass (G may be X: same program). With ALIGN the head and tail go as one
+    small tile, then the 16-byte-aligned body in BLOCK_V tiles."""
+    head, body, x_off = _row_split(row, stride_xm, V, ALIGN, VEC)
+    g_off = row * stride_gm + head
+    if ALIGN:  # the same head for G (see _alignment)
+        g_off = tl.multiple_of(g_off, VEC)
+        edge_cols, edge_mask = _edges(head, body, V, VEC)
+        _grad_tile(X + row * stride_xm, G + row * stride_gm, edge_cols, edge_mask, stride_xv, stride_gv, V, m, log_s,
+                   target, scale, valid, bad, smoothing, z_loss, softcap, SOFTCAP, Z_LOSS, ACC)
+    for start in range(0, body, BLOCK_V):
         cols = (start + tl.arange(0, BLOCK_V)).to(tl.int64)
-        mask = cols < V
-        y, t = _capped(tl.load(X + cols * stride_xv, mask=mask, other=0.0).to(ACC), softcap, SOFTCAP)
-        p = tl.exp((y - m) - log_s)  # the softmax, rounded as PyTorch's
-        if Z_LOSS:
-            p = p * (1.0 + 2.0 * z_loss * (m + log_s))
-        g = p - smoothing / V - tl.where(cols == target, 1.0 - smoothing, 0.0)
-        if SOFTCAP:
-            g = g * (1.0 - t * t)
-        g = tl.where(valid, g * scale, 0.0)
-        g = tl.where(bad, float("nan"), g)
-        tl.store(G + cols * stride_gv, g.to(G.dtype.element_ty), mask=mask)
+        _grad_tile(X + x_off, G + g_off, cols, cols < body, stride_xv, stride_gv, V, m, log_s, target - head,
+                   scale, valid, bad, smoothing, z_loss, softcap, SOFTCAP, Z_LOSS, ACC)
 
 
 @triton.jit
@@ -108,29 +168,29 @@ def _cross_entropy_fwd_kernel(
     stride_xm, stride_xv, stride_t, stride_gm, stride_gv, stride_s,
     V, ignore_index, smoothing: "fp64", z_loss: "fp64", softcap: "fp64",
     STORE_STATS: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+    SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr, ALIGN: tl.constexpr, VEC: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # row * stride can pass 2**31
     # passed as fp64 (an fp32 argument would round them for fp64 logits), computed in ACC
     smoothing, z_loss, softcap = tl.full([], smoothing, ACC), tl.full([], z_loss, ACC), tl.full([], softcap, ACC)
-    X += row * stride_xm
+    Xr = X + row * stride_xm
     target, valid, bad = _target_state(T, row, stride_t, V, ignore_index)
     m = tl.full([], float("-inf"), ACC)
     s = tl.zeros([], ACC)
     x_sum = tl.zeros([], ACC)
-    for start in range(0, V, BLOCK_V):
+    head, body, x_off = _row_split(row, stride_xm, V, ALIGN, VEC)
+    for start in range(0, body, BLOCK_V):
         cols = (start + tl.arange(0, BLOCK_V)).to(tl.int64)
-        mask = cols < V
-        x = tl.load(X + cols * stride_xv, mask=mask, other=float("-inf")).to(ACC)
-        if SOFTCAP:  # padding columns stay -inf (the cap would make them -softcap)
-            x = tl.where(mask, _capped(x, softcap, SOFTCAP)[0], float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-        m = m_new
-        if HAS_SMOOTHING:
-            x_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
+        mask = cols < body
+        x = tl.load(X + x_off + cols * stride_xv, mask=mask, other=float("-inf")).to(ACC)
+        m, s, x_sum = _softmax_step(x, mask, m, s, x_sum, softcap, SOFTCAP, HAS_SMOOTHING)
+    if ALIGN:
+        edge_cols, edge_mask = _edges(head, body, V, VEC)
+        x = tl.load(Xr + edge_cols, mask=edge_mask, other=float("-inf")).to(ACC)
+        m, s, x_sum = _softmax_step(x, edge_mask, m, s, x_sum, softcap, SOFTCAP, HAS_SMOOTHING)
     log_s = tl.log(s)  # logsumexp = m + log_s, kept apart: x - m is exact where it matters
-    x_t = _capped(tl.load(X + target * stride_xv, mask=valid & ~bad, other=0.0).to(ACC), softcap, SOFTCAP)[0]
+    x_t = _capped(tl.load(Xr + target * stride_xv, mask=valid & ~bad, other=0.0).to(ACC), softcap, SOFTCAP)[0]
     loss = ((m - x_t) + log_s) * (1.0 - smoothing)  # as PyTorch: (1 - eps) * nll + eps * mean(-log p)
     if HAS_SMOOTHING:
         loss += smoothing * ((m - x_sum / V) + log_s)
@@ -143,8 +203,9 @@ def _cross_entropy_fwd_kernel(
         tl.store(Stats + 2 * row + 1, log_s)
     if WRITE_GRAD:
         scale = tl.load(Scale + row * stride_s).to(ACC)
-        _cross_entropy_grad_row(X, G + row * stride_gm, stride_xv, stride_gv, V, m, log_s, target,
-                                scale, valid, bad, smoothing, z_loss, softcap, SOFTCAP, Z_LOSS, ACC, BLOCK_V)
+        _cross_entropy_grad_row(X, G, row, stride_xm, stride_xv, stride_gm, stride_gv, V, m, log_s, target,
+                                scale, valid, bad, smoothing, z_loss, softcap, SOFTCAP, Z_LOSS, ALIGN, VEC,
+                                ACC, BLOCK_V)
 
 
 @triton.jit
@@ -152,7 +213,8 @@ def _cross_entropy_bwd_kernel(
     X, T, Stats, G, Scale,
     stride_xm, stride_xv, stride_t, stride_gm, stride_gv, stride_s,
     V, ignore_index, smoothing: "fp64", z_loss: "fp64", softcap: "fp64",
-    SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+    SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr, ALIGN: tl.constexpr, VEC: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     smoothing, z_loss, softcap = tl.full([], smoothing, ACC), tl.full([], z_loss, ACC), tl.full([], softcap, ACC)
@@ -160,9 +222,20 @@ def _cross_entropy_bwd_kernel(
     m = tl.load(Stats + 2 * row)
     log_s = tl.load(Stats + 2 * row + 1)
     scale = tl.load(Scale + row * stride_s).to(ACC)
-    _cross_entropy_grad_row(X + row * stride_xm, G + row * stride_gm, stride_xv, stride_gv, V, m,
-                            log_s, target, scale, valid, bad, smoothing, z_loss, softcap, SOFTCAP, Z_LOSS,
+    _cross_entropy_grad_row(X, G, row, stride_xm, stride_xv, stride_gm, stride_gv, V, m, log_s, target,
+                            scale, valid, bad, smoothing, z_loss, softcap, SOFTCAP, Z_LOSS, ALIGN, VEC,
                             ACC, BLOCK_V)
+
+
+def _alignment(logits, grad=None):
+    """Constexprs ALIGN and VEC (elements per 16 bytes): ALIGN when the rows are contiguous and
+    both base pointers 16-byte aligned, and grad's rows (if any) sit at the same offsets modulo 16
+    bytes as the logits' (then one head length per row serves both)."""
+    vec = 16 // logits.element_size()
+    tensors = (logits,) if grad is None else (logits, grad)
+    align = (all(t.stride(1) == 1 and t.data_ptr() % 16 == 0 for t in tensors)
+             and (grad is None or grad.stride(0) % vec == logits.stride(0) % vec))
+    return dict(ALIGN=align, VEC=vec)
 
 
 def _block_v(V):
@@ -269,7 +342,7 @@ def _cross_entropy_fwd(logits, targets, ignore_index, options, store_stats, grad
             scale.stride(0) if write_grad else 0,
             V, ignore_index, *scalars,
             STORE_STATS=store_stats, WRITE_GRAD=write_grad, HAS_SMOOTHING=options[0] > 0, **flags,
-            ACC=acc_dtype(logits.dtype), BLOCK_V=block_v, num_warps=num_warps,
+            **_alignment(logits, grad), ACC=acc_dtype(logits.dtype), BLOCK_V=block_v, num_warps=num_warps,
         )
     return loss, stats
 
@@ -287,7 +360,7 @@ def _cross_entropy_bwd(logits, targets, stats, scale, ignore_index, options, gra
             logits, targets, stats, grad, scale,
             logits.stride(0), logits.stride(1), targets.stride(0), grad.stride(0), grad.stride(1),
             scale.stride(0),
-            V, ignore_index, *scalars, **flags,
+            V, ignore_index, *scalars, **flags, **_alignment(logits, grad),
             ACC=acc_dtype(logits.dtype), BLOCK_V=block_v, num_warps=num_warps,
         )
     return grad

@@ -98,8 +98,18 @@ def _layer_norm_bwd(ln, C, dtype):
                   stride_xm=C, stride_xc=1, stride_dym=C, stride_dyc=1, stride_dxm=C, stride_w=1,
                   M=GPT2_ROWS, C=C, ROWS_PER_PROG="i32"),
         constexprs=dict(HAS_W=True, NEED_DX=True, NEED_DW=True, NEED_DB=True, ACC=_tl().float32,
-                        BLOCK_M=block_m, BLOCK_C=block_c),
+                        BLOCK_M=block_m, BLOCK_C=block_c, NUM_STAGES=ln.BWD_STAGES),
         num_warps=num_warps)
+
+
+def _layer_norm_bwd_reduce(ln, C, dtype):
+    """The sum of the backward's partials (one row per program of its grid on an H100), cast to
+    the parameters' dtype (GPT-2's: fp32)."""
+    return Launch(
+        args=dict(DWp="*fp32", DBp="*fp32", DW="*fp32", DB="*fp32", P="i32", C=C),
+        constexprs=dict(NEED_DW=True, NEED_DB=True, ACC=_tl().float32,
+                        BLOCK_P=ln.REDUCE_BLOCK_P, BLOCK_N=ln.REDUCE_BLOCK_N),
+        num_warps=4)
 
 
 def _ce_args(V, dtype, names):
@@ -118,7 +128,7 @@ def _cross_entropy_fwd(ce, V, dtype):
              "stride_gm", "stride_gv", "stride_s", "V", "ignore_index", "smoothing", "z_loss", "softcap")
     return Launch(args=_ce_args(V, dtype, names),
                   constexprs=dict(STORE_STATS=True, WRITE_GRAD=True, HAS_SMOOTHING=False, SOFTCAP=False,
-                                  Z_LOSS=False, ACC=_tl().float32, BLOCK_V=block_v),
+                                  Z_LOSS=False, ALIGN=True, VEC=8, ACC=_tl().float32, BLOCK_V=block_v),
                   num_warps=num_warps)
 
 
@@ -127,7 +137,8 @@ def _cross_entropy_bwd(ce, V, dtype):
     names = ("X", "T", "Stats", "G", "Scale", "stride_xm", "stride_xv", "stride_t", "stride_gm",
              "stride_gv", "stride_s", "V", "ignore_index", "smoothing", "z_loss", "softcap")
     return Launch(args=_ce_args(V, dtype, names),
-                  constexprs=dict(SOFTCAP=False, Z_LOSS=False, ACC=_tl().float32, BLOCK_V=block_v),
+                  constexprs=dict(SOFTCAP=False, Z_LOSS=False, ALIGN=True, VEC=8, ACC=_tl().float32,
+                                  BLOCK_V=block_v),
                   num_warps=num_warps)
 
 
@@ -297,6 +308,7 @@ def kernel_table():
     return [
         Kernel("layer_norm", "_layer_norm_fwd_kernel", _layer_norm_fwd, ln_configs),
         Kernel("layer_norm", "_layer_norm_bwd_kernel", _layer_norm_bwd, ln_configs),
+        Kernel("layer_norm", "_layer_norm_bwd_reduce_kernel", _layer_norm_bwd_reduce, ln_configs),
         Kernel("cross_entropy", "_cross_entropy_fwd_kernel", _cross_entropy_fwd, ce_configs),
         Kernel("cross_entropy", "_cross_entropy_bwd_kernel", _cross_entropy_bwd, ce_configs),
         Kernel("attention", "_attention_fwd_kernel", _attention_fwd, attn_feature_configs, uses_mma=True),
@@ -326,19 +338,17 @@ def _op(op, launches, bytes_, min_bytes, flops=None, min_flops=None):
 
 
 def layer_norm_traffic(N, C, sms=H100_SMS):
-    """Forward: x in, y out, w and b, the fp32 mean and rstd saved. Backward: the kernel reads x,
-    dy, mean, rstd and writes dx and per-program fp32 partials of dw and db (zero-filled first);
-    torch sums them and casts the sums to the parameters' dtype. Minimum: the tensors once."""
-    block_m = _module("layer_norm")._block_sizes(C)[0]
-    programs = min(triton_cdiv(N, block_m), 2 * sms)
+    """Forward: x in, y out, w and b, the fp32 mean and rstd saved. Backward (two launches): the row
+    kernel reads x, dy, w, mean, rstd and writes dx and one row of fp32 partials of dw and db per
+    program; the reduction reads the partials and writes dw and db in the parameters' dtype.
+    Minimum: the tensors once."""
+    ln = _module("layer_norm")
+    programs = ln._bwd_programs(N, ln._block_sizes(C)[0], sms)[0]
     fwd = _op("layer_norm fwd", 1, 2 * N * C * BF16 + 2 * C * BF16 + 2 * N * FP32,
               2 * N * C * BF16 + 2 * C * BF16)
     partials = 2 * programs * C * FP32
-    bwd = _op("layer_norm bwd", 7,
-              3 * N * C * BF16 + C * BF16 + 2 * N * FP32  # x, dy, dx, w, mean, rstd
-              + 3 * partials  # zero-fill, kernel writes, sum reads
-              + 2 * C * FP32 * 2 + 2 * C * BF16,  # sums written then read by the casts, cast out
-              3 * N * C * BF16 + C * BF16 + 2 * N * FP32 + 2 * C * BF16)
+    tensors = 3 * N * C * BF16 + C * BF16 + 2 * N * FP32 + 2 * C * BF16  # x, dy, dx, w, mean, rstd, dw, db
+    bwd = _op("layer_norm bwd", 2, tensors + 2 * partials, tensors)  # partials written, then read
     return [fwd, bwd]
 
 

@@ -5,9 +5,10 @@ write of y): mean and variance in fp32, y = (x - mean) * rstd * w + b, the mean 
 shifted by its first element so that a constant row gives exactly the bias. mean and rstd are saved
 (fp32) only when a gradient will be needed. weight and bias are read through their strides (slices,
 stride-0 expands).
-Backward: a fixed grid of persistent programs walks contiguous chunks of rows, writes dx for each row
-and keeps its own fp32 partial sums of dw and db; one torch sum over the partials finishes them. No
-float atomics, so repeated backward passes are bitwise equal.
+Backward, two launches: a fixed grid of persistent programs walks contiguous chunks of rows (a
+software-pipelined loop), writes dx for each row and its own fp32 partial sums of dw and db; one
+small kernel sums the partials in a fixed order and casts them to the parameters' dtypes. No float
+atomics, so repeated backward passes are bitwise equal.
 
 Limits: C <= 16384 (a row must fit in one program's registers); fp16, bf16, fp32 and fp64 inputs
 (fp64 computes in fp64, for gradcheck). Under torch.autocast the op is left alone: it already
@@ -66,26 +67,31 @@ def _layer_norm_fwd_kernel(
 # With xhat = (x - mean) * rstd and g = dy * w (g = dy without weight), per row over its C features:
 #   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
 #   dw = sum over rows of dy * xhat,   db = sum over rows of dy
-# Program p owns rows [p * ROWS_PER_PROG, (p + 1) * ROWS_PER_PROG) and writes its column sums of
-# dy * xhat and dy to row p of DWp and DBp.
+# Program p owns rows [p * ROWS_PER_PROG, (p + 1) * ROWS_PER_PROG) (at least one) and writes its
+# column sums of dy * xhat and dy to the whole of row p of DWp and DBp (zeros included), so the
+# partials need no zero-fill. The loop is software-pipelined (NUM_STAGES): the next tiles of x and
+# dy are already loading while the current one is reduced, so a few programs per SM keep the
+# memory busy.
 @triton.jit
 def _layer_norm_bwd_kernel(
     X, W, DY, DX, Mean, Rstd, DWp, DBp,
     stride_xm, stride_xc, stride_dym, stride_dyc, stride_dxm, stride_w,
     M, C, ROWS_PER_PROG,
     HAS_W: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     col_mask = cols < C
     if HAS_W:
         w = tl.load(W + cols * stride_w, mask=col_mask, other=0.0).to(ACC)
-    dw_acc = tl.zeros((BLOCK_C,), dtype=ACC)
-    db_acc = tl.zeros((BLOCK_C,), dtype=ACC)
+    # per-thread running sums of the tile; summed over its rows once, after the loop (a sum over
+    # rows inside the loop would cross warps, through shared memory, at every step)
+    dw_acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
+    db_acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC)
     row_start = pid * ROWS_PER_PROG
     row_end = tl.minimum(row_start + ROWS_PER_PROG, M)
-    for start in range(row_start, row_end, BLOCK_M):
+    for start in tl.range(row_start, row_end, BLOCK_M, num_stages=NUM_STAGES):
         rows = start + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
         mask = row_mask[:, None] & col_mask[None, :]
@@ -105,13 +111,40 @@ def _layer_norm_bwd_kernel(
             dx = (g - mean_g[:, None] - xhat * mean_gx[:, None]) * rstd[:, None]
             tl.store(DX + rows64[:, None] * stride_dxm + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if NEED_DW:
-            dw_acc += tl.sum(dy * xhat, axis=0)
+            dw_acc += dy * xhat
         if NEED_DB:
-            db_acc += tl.sum(dy, axis=0)
+            db_acc += dy
     if NEED_DW:
-        tl.store(DWp + pid * C + cols, dw_acc, mask=col_mask)
+        tl.store(DWp + pid * C + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
     if NEED_DB:
-        tl.store(DBp + pid * C + cols, db_acc, mask=col_mask)
+        tl.store(DBp + pid * C + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+
+
+# dw[c] = sum over p of DWp[p, c] (and db alike), p in increasing order within each lane of a
+# BLOCK_P-row tile and then across the tile: a fixed order, so the sums are bitwise repeatable.
+# The sums are cast to the parameters' dtypes on the way out. P = 0 (no rows) gives zeros.
+@triton.jit
+def _layer_norm_bwd_reduce_kernel(
+    DWp, DBp, DW, DB, P, C,
+    NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < C
+    dw = tl.zeros((BLOCK_P, BLOCK_N), dtype=ACC)
+    db = tl.zeros((BLOCK_P, BLOCK_N), dtype=ACC)
+    for start in range(0, P, BLOCK_P):
+        rows = start + tl.arange(0, BLOCK_P)
+        mask = (rows < P)[:, None] & col_mask[None, :]
+        offsets = rows[:, None] * C + cols[None, :]
+        if NEED_DW:
+            dw += tl.load(DWp + offsets, mask=mask, other=0.0)
+        if NEED_DB:
+            db += tl.load(DBp + offsets, mask=mask, other=0.0)
+    if NEED_DW:
+        tl.store(DW + cols, tl.sum(dw, axis=0).to(DW.dtype.element_ty), mask=col_mask)
+    if NEED_DB:
+        tl.store(DB + cols, tl.sum(db, axis=0).to(DB.dtype.element_ty), mask=col_mask)
 
 
 def _block_sizes(C):
@@ -171,32 +204,53 @@ def _layer_norm_fwd(x, weight, bias, eps, store_stats):
     return y, mean, rstd
 
 
-def _layer_norm_bwd(dy, x, weight, mean, rstd, need_dx, need_dw, need_db):
-    """Returns (dx, dw_fp32, db_fp32); entries not needed are None. dw, db are summed in fp32."""
+# The backward's row loop: tiles in flight per program (the software pipeline's depth), and the
+# reduction's tile of partials (BLOCK_P programs x BLOCK_N columns per step).
+BWD_STAGES = 2
+REDUCE_BLOCK_P, REDUCE_BLOCK_N = 32, 64
+
+
+def _bwd_programs(M, block_m, sms):
+    """(programs, rows_per_prog) of the backward's persistent grid: two programs per SM (sms of
+    them), each owning a whole, non-zero number of row tiles (so each writes its partials)."""
+    tiles = triton.cdiv(M, block_m)
+    programs = max(1, min(tiles, 2 * sms))
+    rows_per_prog = triton.cdiv(tiles, programs) * block_m
+    return (triton.cdiv(M, rows_per_prog) if M > 0 else 0), rows_per_prog
+
+
+def _layer_norm_bwd(dy, x, weight, mean, rstd, need_dx, dw_dtype, db_dtype):
+    """Returns (dx, dw, db) in x's dtype, dw_dtype and db_dtype; need_dx False or a dtype None
+    skips that gradient and gives None. Two launches at most: the row kernel (dx and per-program
+    partials of dw and db) and one reduction of the partials (dw and db summed and cast)."""
+    need_dw, need_db = dw_dtype is not None, db_dtype is not None
     C = x.shape[-1]
     x2 = x.reshape(-1, C)
     dy2 = dy.reshape(-1, C)
     M = x2.shape[0]
     block_m, block_c, num_warps = _block_sizes(C)
-    # Enough programs to fill the device, each owning a whole number of row tiles.
-    tiles = triton.cdiv(M, block_m)
-    programs = max(1, min(tiles, 2 * num_programs_for(x.device)))
-    rows_per_prog = triton.cdiv(tiles, programs) * block_m
-    programs = triton.cdiv(M, rows_per_prog) if M > 0 else 1
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else None
+    programs, rows_per_prog = _bwd_programs(M, block_m, num_programs_for(x.device))
     partial = acc_torch_dtype(x.dtype)
-    dw_part = torch.zeros((programs, C), dtype=partial, device=x.device) if need_dw else None
-    db_part = torch.zeros((programs, C), dtype=partial, device=x.device) if need_db else None
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else None
+    # every program writes its whole row of partials: no zero-fill
+    dw_part = torch.empty((programs, C), dtype=partial, device=x.device) if need_dw else None
+    db_part = torch.empty((programs, C), dtype=partial, device=x.device) if need_db else None
+    acc = acc_dtype(x.dtype)
     if M > 0:
         _layer_norm_bwd_kernel[(programs,)](
             x2, weight, dy2, dx, mean, rstd, dw_part, db_part,
             x2.stride(0), x2.stride(1), dy2.stride(0), dy2.stride(1), C, _stride(weight),
             M, C, rows_per_prog,
             HAS_W=weight is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
-            ACC=acc_dtype(x.dtype), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+            ACC=acc, BLOCK_M=block_m, BLOCK_C=block_c, NUM_STAGES=BWD_STAGES, num_warps=num_warps,
         )
-    dw = dw_part.sum(0) if need_dw else None
-    db = db_part.sum(0) if need_db else None
+    dw = torch.empty(C, dtype=dw_dtype, device=x.device) if need_dw else None
+    db = torch.empty(C, dtype=db_dtype, device=x.device) if need_db else None
+    if need_dw or need_db:
+        _layer_norm_bwd_reduce_kernel[(triton.cdiv(C, REDUCE_BLOCK_N),)](
+            dw_part, db_part, dw, db, programs, C,
+            NEED_DW=need_dw, NEED_DB=need_db, ACC=acc, BLOCK_P=REDUCE_BLOCK_P, BLOCK_N=REDUCE_BLOCK_N,
+        )
     return dx, dw, db
 
 
@@ -220,19 +274,18 @@ def _(x, weight, bias, eps, store_stats):
 
 @torch.library.custom_op("tritongpt::layer_norm_bwd", mutates_args=())
 def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
-                       rstd: torch.Tensor, need_dx: bool, need_dw: bool,
-                       need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dw, db = _layer_norm_bwd(dy, x, weight, mean, rstd, need_dx, need_dw, need_db)
-    acc = acc_torch_dtype(x.dtype)
-    return or_empty(dx, x, x.dtype), or_empty(dw, x, acc), or_empty(db, x, acc)
+                       rstd: torch.Tensor, need_dx: bool, dw_dtype: Optional[torch.dtype],
+                       db_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw, db = _layer_norm_bwd(dy, x, weight, mean, rstd, need_dx, dw_dtype, db_dtype)
+    return or_empty(dx, x, x.dtype), or_empty(dw, x, dw_dtype or x.dtype), or_empty(db, x, db_dtype or x.dtype)
 
 
 @_layer_norm_bwd_op.register_fake
-def _(dy, x, weight, mean, rstd, need_dx, need_dw, need_db):
-    acc = acc_torch_dtype(x.dtype)
+def _(dy, x, weight, mean, rstd, need_dx, dw_dtype, db_dtype):
     C = x.shape[-1]
     return (torch.empty(x.shape if need_dx else (0,), dtype=x.dtype, device=x.device),
-            x.new_empty(C if need_dw else 0, dtype=acc), x.new_empty(C if need_db else 0, dtype=acc))
+            x.new_empty(C if dw_dtype else 0, dtype=dw_dtype or x.dtype),
+            x.new_empty(C if db_dtype else 0, dtype=db_dtype or x.dtype))
 
 
 def _layer_norm_setup(ctx, inputs, output):
@@ -248,11 +301,11 @@ def _layer_norm_backward(ctx, dy, _dmean, _drstd):
         return None, None, None, None, None
     x, weight, mean, rstd = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-    dx, dw, db = _layer_norm_bwd_op(dy, x, weight, mean, rstd, need_dx, need_dw, need_db)
     w_dtype, b_dtype = ctx.param_dtypes
-    # dw and db are fp32 sums; they come back in the parameters' own dtypes
-    return (dx if need_dx else None, dw.to(w_dtype) if need_dw else None,
-            db.to(b_dtype) if need_db else None, None, None)
+    # dw and db are summed in fp32 (fp64 for fp64 x) and cast to the parameters' dtypes in the kernel
+    dx, dw, db = _layer_norm_bwd_op(dy, x, weight, mean, rstd, need_dx, w_dtype if need_dw else None,
+                                    b_dtype if need_db else None)
+    return dx if need_dx else None, dw if need_dw else None, db if need_db else None, None, None
 
 
 _layer_norm_fwd_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
