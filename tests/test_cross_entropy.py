@@ -614,7 +614,7 @@ def test_linear_weight_gradient_accumulates_in_place(monkeypatch):
     x, weight, _ = _linear_inputs(N, C, V, torch.float16, "cpu", bias=False)
     targets = _targets(N, V, "cpu")
     with _WeightGradTraffic(weight) as seen:
-        dw = ce_module._linear_ce_chunks(x, weight, None, targets, -100, 0.0, (False, True, False),
+        dw = ce_module._linear_ce_chunks(x, weight, None, targets, -100, (0.0, 0.0, None), (False, True, False),
                                          scale=torch.ones(()).expand(N))[3]  # reduction "sum"
         grad = ce_module._scaled(dw, torch.tensor(0.5), weight.dtype)
     assert seen.created == 2, f"{seen.created} tensors of (V, C): only the fp32 sum and the gradient may exist"
