@@ -312,6 +312,9 @@ def test_doc_mask_cannot_change_on_resume(tmp_path):
     resumed = run(tmp_path / "masked", *flags, "--max-steps", 3, "--resume", "auto")  # stays on
     assert [r["step"] for r in resumed if "loss" in r] == [1, 2, 3]
     assert checkpoint.load(tmp_path / "masked" / "ckpt.pt")["config"]["doc_mask"] is True
+    # from the path alone, the flag restated: --data comes from the checkpoint, not the demo default
+    train.main(["--resume", str(tmp_path / "masked" / "ckpt.pt"), "--doc-mask", "--max-steps", "4"])
+    assert checkpoint.load(tmp_path / "masked" / "ckpt.pt")["step"] == 4
 
 
 def test_a_checkpoint_older_than_doc_mask_resumes_without_it():

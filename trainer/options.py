@@ -143,7 +143,8 @@ def check(args, world_size):
         return f"--data {args.data!r} is not one of {', '.join(DATASETS)} nor a directory"
     if args.data == "demo" and args.hellaswag == "on":
         return "--hellaswag on needs the GPT-2 tokenizer: use it with --data shakespeare, fineweb-edu or shards"
-    if args.data == "demo" and args.doc_mask:
+    resuming_elsewhere = args.resume and "data" not in args.given  # --data then comes from the checkpoint
+    if args.data == "demo" and args.doc_mask and not resuming_elsewhere:
         return ("--doc-mask needs GPT-2 tokens: it masks attention at <|endoftext|>, which the demo's bytes "
                 "do not have; use it with --data shakespeare, fineweb-edu or shards")
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
