@@ -4,6 +4,7 @@
     python -m tritongpt.data.prepare fineweb-edu                     # once: 10B tokens of FineWeb-Edu as shards
     python train.py --data fineweb-edu                     # the GPT-2 124M recipe on one GPU
     torchrun --standalone --nproc_per_node=8 train.py --data fineweb-edu --compile   # on 8 GPUs
+    python train.py --data fineweb-edu --doc-mask          # attention kept inside documents (<|endoftext|>)
     python train.py --resume out/ckpt.pt                   # continue a run (its options come with it)
     python -m tritongpt.sample out/ckpt.pt                 # text from a checkpoint
     python train.py --plot out/log.jsonl                   # redraw out/loss.png
@@ -56,7 +57,8 @@ def build_model(args, device):
     preset, overrides = options.model_preset(args.preset)
     block = max(PRESETS[preset].get("block_size", GPTConfig.block_size), args.seq_len)
     config = GPTConfig.from_name(preset, **{**overrides, "vocab_size": data.vocab_size(args),
-                                            "block_size": block, "kernels": args.kernels})
+                                            "block_size": block, "kernels": args.kernels,
+                                            "doc_mask": args.doc_mask})  # GPT-2 tokens: <|endoftext|> = 50256
     kernel_ops(config, device)  # a kernels choice this device cannot run fails here, with its message
     return GPT(config).to(device)
 
@@ -220,7 +222,8 @@ def announce(args, model, procs, device, start):
           f"device {device} x {procs.world_size}; {args.total_batch:,} tokens/step = {args.batch_size} x "
           f"{args.seq_len} x {procs.world_size} x {args.grad_accum} accumulation; steps {start + 1}.."
           f"{args.max_steps}, warmup {args.warmup_steps}"
-          + (f"; at most {args.time_budget:.0f} s (--time-budget)" if args.time_budget else ""), flush=True)
+          + (f"; at most {args.time_budget:.0f} s (--time-budget)" if args.time_budget else "")
+          + ("; attention masked at <|endoftext|> (--doc-mask)" if args.doc_mask else ""), flush=True)
     if args.warmup_steps >= args.max_steps:
         print(f"note: --warmup-steps {args.warmup_steps} >= --max-steps {args.max_steps}: the learning "
               "rate never reaches its peak", flush=True)

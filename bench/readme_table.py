@@ -6,7 +6,9 @@ The block lies between the lines BEGIN and END below. For every op, the newest r
 has it (by meta date) supplies its rows; each file used gets a line naming the GPU, torch, Triton
 and CUDA versions, the date and the commit. Per op and mode one headline shape (HEADLINE, else the
 first shape of the file) is shown: our kernel's median time, its speed-up over every other provider
-measured in the same file, and its peak memory next to eager's. The training step gets one row per
+measured in the same file, and its peak memory next to eager's; an op whose rows have several
+workloads (attention: causal, GQA, documents, told apart by their shape keys) gets a headline per
+workload. The training step gets one row per
 provider and batch: tokens/s, MFU, speed-up over eager, peak memory. With no results files the
 block says that nothing has been measured. --check exits 1, changing nothing, when the block is
 stale (for CI or a pre-commit hook). Results of smoke runs or of runs without a GPU
@@ -55,15 +57,17 @@ def newest_per_op(results):
 
 
 def _headline(op, groups):
-    """The (shape label, mode, dtype) keys to show for op: one per mode."""
+    """The (shape label, mode, dtype) keys to show for op: one per mode and workload, a workload
+    being the set of shape keys (attention's GQA rows add H_kv, its document rows docs)."""
     want = HEADLINE.get(op, {})
-    per_mode = {}
+    chosen = {}
     for key, by_p in groups.items():
         shape = next(iter(by_p.values()))["shape"]
         matches = all(shape.get(k) == v for k, v in want.items())
-        if key[1] not in per_mode or (matches and not per_mode[key[1]][1]):
-            per_mode[key[1]] = (key, matches)
-    return [key for key, _ in per_mode.values()]
+        slot = (tuple(shape), key[1])
+        if slot not in chosen or (matches and not chosen[slot][1]):
+            chosen[slot] = (key, matches)
+    return [key for key, _ in chosen.values()]
 
 
 def _speedups(by_p):

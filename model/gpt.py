@@ -17,6 +17,19 @@ With the cross_entropy kernel on and targets given, the forward fuses the lm_hea
 the loss (`kernels.linear_cross_entropy` on the final hidden state with the tied lm_head weight):
 the (B, T, V) logits are never materialised and the forward returns (None, loss). Call the model
 without targets to get logits.
+
+`GPTConfig.doc_mask` (off by default) keeps attention inside documents when a row packs several,
+as build-nanogpt's shards do: there every document is *prefixed* by <|endoftext|> (token 50256,
+`GPTConfig.doc_sep_token`), so a separator starts its document. The document ids come from the
+batch itself, doc_ids = cumsum(idx == doc_sep_token) along T (inclusive: the separator gets the id
+of the document it opens), and a token attends only to earlier tokens of its own document. The
+separator's own query therefore sees nothing but itself: the first token of a document is predicted
+from <|endoftext|> alone, as at the start of a fresh sequence, never from the document before. (An
+exclusive count, cumsum - (idx == sep), would put the separator at the end of the previous document
+and let that prediction read it: right only for data where <|endoftext|> closes documents.) The
+tokens before a row's first separator (the tail of a document cut by the row start) form document
+0. Positions stay absolute along the row: only attention is masked. `generate` honours the mask,
+with and without its KV cache.
 """
 import dataclasses
 import json
@@ -64,7 +77,7 @@ HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
 # HF stores these as Conv1D weights, (in, out): the transpose of nn.Linear's (out, in).
 HF_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 # What from_pretrained lets a caller change; the rest is fixed by the checkpoint.
-PRETRAINED_OVERRIDES = ("dropout", "kernels")
+PRETRAINED_OVERRIDES = ("dropout", "kernels", "doc_mask", "doc_sep_token")
 
 
 def available_kernels():
@@ -109,21 +122,49 @@ def kernel_ops(config, device):
     return ops
 
 
-def _sdpa(q, k, v, dropout_p):
+def document_ids(idx, sep):
+    """(B, T) document ids of the token ids idx (B, T): cumsum(idx == sep) along T, so that a
+    separator starts its document (build-nanogpt prefixes every document with <|endoftext|>).
+    See the module docstring."""
+    return (idx == sep).cumsum(dim=1)
+
+
+def _sdpa(q, k, v, dropout_p, doc_ids=None):
     """PyTorch's attention. Tq == Tk (training, a prefill): SDPA's causal fast path, with attention
     dropout. Tq < Tk (a KV-cache step): the reference, whose causal mask is aligned to the end, as
-    the kernel's is; SDPA's is_causal would align it to the start and hide the cached keys."""
-    if q.shape[-2] == k.shape[-2]:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-    if dropout_p:
+    the kernel's is; SDPA's is_causal would align it to the start and hide the cached keys.
+    doc_ids (B, Tk), the keys' document ids (the queries are the last Tq keys): the reference's
+    document mask (`_document_attention` with dropout or for a KV-cache step)."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    if tq != tk and dropout_p:
         raise ValueError("attention dropout needs as many queries as keys; a KV-cache step has fewer")
+    if doc_ids is not None:
+        if tq == tk and not dropout_p:
+            return kernels.reference.flash_attention(q, k, v, causal=True, doc_ids=doc_ids)
+        return _document_attention(q, k, v, doc_ids, dropout_p)
+    if tq == tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
     return kernels.reference.flash_attention(q, k, v, causal=True)
 
 
-def _flash_attention(q, k, v, dropout_p):
+def _flash_attention(q, k, v, dropout_p, doc_ids=None):
+    """The kernel, with the document mask when doc_ids (B, Tk) is given. The kernel takes doc_ids
+    only with as many queries as keys; a KV-cache step (Tq < Tk, one query per row against the
+    cache) runs `_document_attention` instead: a (B, 1, Tq, Tk) mask costs nothing at that size."""
     if dropout_p:  # kernel_ops never picks the kernel with dropout; guard against a changed config
         raise ValueError("the flash_attention kernel has no attention dropout")
-    return kernels.flash_attention(q, k, v, causal=True)
+    if doc_ids is not None and q.shape[-2] != k.shape[-2]:
+        return _document_attention(q, k, v, doc_ids, 0.0)
+    return kernels.flash_attention(q, k, v, causal=True, doc_ids=doc_ids)
+
+
+def _document_attention(q, k, v, doc_ids, dropout_p):
+    """SDPA with an explicit mask for Tq <= Tk: causal aligned to the end (query i is key
+    i + Tk - Tq) and the query's own document only, doc_ids (B, Tk) giving the keys' ids."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    mask = kernels.reference.attention_mask(tq, tk, causal=True, device=q.device)
+    same = doc_ids[:, None, tk - tq:, None] == doc_ids[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask & same, dropout_p=dropout_p)
 
 
 class Ops(NamedTuple):
@@ -159,6 +200,8 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2 has
     kernels: str = "auto"
+    doc_mask: bool = False  # attention stays inside documents (see the module docstring)
+    doc_sep_token: int = 50256  # the token that starts a document: GPT-2's <|endoftext|>
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -172,6 +215,14 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
         if not isinstance(self.bias, bool):
             raise ValueError(f"GPTConfig.bias must be a bool, got {self.bias!r}")
+        if not isinstance(self.doc_mask, bool):
+            raise ValueError(f"GPTConfig.doc_mask must be a bool, got {self.doc_mask!r}")
+        sep = self.doc_sep_token
+        if not isinstance(sep, int) or isinstance(sep, bool) or sep < 0:
+            raise ValueError(f"GPTConfig.doc_sep_token must be an int >= 0, got {sep!r}")
+        if self.doc_mask and sep >= self.vocab_size:
+            raise ValueError(f"GPTConfig.doc_sep_token ({sep}) must be a token id below vocab_size "
+                             f"({self.vocab_size}) with doc_mask=True")
         _requested_kernels(self.kernels, self.dropout)
 
     @classmethod
@@ -237,15 +288,16 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, ops, cache=None):
+    def forward(self, x, ops, cache=None, doc_ids=None):
         """x: (B, T, C). With a KVCache, x holds the T positions after the cached ones: their keys
         and values join the cache and their queries attend to every cached position (Tq < Tk, the
-        causal mask aligned to the end)."""
+        causal mask aligned to the end). doc_ids (B, Tk): the document id of every key (the
+        queries are the last T of them), or None for no document mask."""
         # (B, T, 3C) -> three (B, H, T, D) views; the ops accept non-contiguous inputs.
         q, k, v = split_heads(self.c_attn(x), self.n_head)
         if cache is not None:
             k, v = cache.append(k, v)
-        y = ops.attention(q, k, v, self.dropout if self.training else 0.0)
+        y = ops.attention(q, k, v, self.dropout if self.training else 0.0, doc_ids)
         return self.resid_dropout(self.c_proj(merge_heads(y)))
 
 
@@ -273,8 +325,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, ops, cache=None):
-        x = x + self.attn(self.ln_1(x, ops), ops, cache)
+    def forward(self, x, ops, cache=None, doc_ids=None):
+        x = x + self.attn(self.ln_1(x, ops), ops, cache, doc_ids)
         return x + self.mlp(self.ln_2(x, ops), ops)
 
 
@@ -347,15 +399,20 @@ class GPT(nn.Module):
         loss = ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def _hidden(self, idx, ops, caches=None):
+    def _hidden(self, idx, ops, caches=None, context=None):
         """Embeddings, blocks and the final LayerNorm: idx (B, T) -> (B, T, C). With caches (one
         KVCache per layer), idx holds the tokens after the cached ones, at absolute positions
-        from the cache's length on, and the caches grow by them."""
+        from the cache's length on, and the caches grow by them. With doc_mask, context (B, Tk)
+        holds the tokens of every key (the cached ones, then idx; idx itself when None), from
+        which the document ids come."""
         start = caches[0].length if caches else 0
         pos = torch.arange(start, start + idx.shape[1], device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        doc_ids = None
+        if self.config.doc_mask:
+            doc_ids = document_ids(idx if context is None else context, self.config.doc_sep_token)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, ops, caches[i] if caches else None)
+            x = block(x, ops, caches[i] if caches else None, doc_ids)
         return self.transformer.ln_f(x, ops)
 
     @torch.no_grad()
@@ -372,7 +429,10 @@ class GPT(nn.Module):
         window's positions all shift and the cached keys go stale: from then on each step re-runs
         the last block_size tokens (a fresh prefill), what use_cache=False does at every step.
         Both give the same logits up to rounding, so the same tokens. In training mode with dropout > 0 no cache is kept (attention
-        dropout runs only with as many queries as keys).
+        dropout runs only with as many queries as keys). With config.doc_mask the document mask
+        holds here too: the prefill passes document ids to the attention op, and each cached step's
+        query sees only the cached keys of its own document (an explicit mask in PyTorch's SDPA,
+        since the kernel takes document ids only with as many queries as keys).
         """
         _check_sampling(max_new_tokens, temperature, top_k, use_cache)
         use_cache = use_cache and not (self.training and self.config.dropout > 0)
@@ -394,9 +454,12 @@ class GPT(nn.Module):
             idx = idx[..., -self.config.block_size:]  # `...`: a bad rank reaches the check
             self._check_inputs(idx, None)
             caches = [KVCache(self.config.block_size) for _ in self.transformer.h]
+            context = None
         else:
+            # the cached tokens and the new one: their document ids, with doc_mask
+            context = idx[:, -(caches[0].length + 1):]
             idx = idx[:, -1:]
-        x = self._hidden(idx, ops, caches)
+        x = self._hidden(idx, ops, caches, context)
         return self.lm_head(x[:, -1]), caches
 
     @classmethod

@@ -541,3 +541,147 @@ def test_generate_keeps_no_cache_with_dropout_in_training(monkeypatch):
     model = tiny(kernels="none", dropout=0.1, block_size=16).train()
     assert model.generate(batch(T=5)[0], 4).shape == (2, 9)
     assert seen == [(t, t) for t in range(5, 9) for _ in range(TINY.n_layer)]
+
+
+# ---------------------------------------------------------------- document masking
+
+SEP = 7  # the tiny vocabulary has no <|endoftext|> (50256): these tests name their own separator
+
+
+def documents(device="cpu", B=2, T=24, starts=(0, 9, 17)):
+    """idx (B, T) whose rows hold documents starting (with SEP) at `starts`, no other SEP, and
+    random targets: build-nanogpt's layout, each document prefixed by the separator."""
+    idx, targets = batch(device, B, T)
+    idx[idx == SEP] = SEP + 1
+    idx[:, list(starts)] = SEP
+    return idx, targets
+
+
+def doc_model(device="cpu", **overrides):
+    return tiny(device, doc_mask=True, doc_sep_token=SEP, **overrides)
+
+
+def test_doc_mask_is_off_by_default_and_validated():
+    assert GPTConfig().doc_mask is False and GPTConfig().doc_sep_token == 50256
+    assert GPTConfig.from_name("gpt2").doc_mask is False
+    GPTConfig.from_name("tiny", doc_sep_token=50256)  # unchecked against the vocabulary while off
+    for overrides, field in [(dict(doc_mask=1), "doc_mask"), (dict(doc_sep_token=-1), "doc_sep_token"),
+                             (dict(doc_sep_token=3.0), "doc_sep_token"),
+                             (dict(doc_mask=True), "doc_sep_token .50256. must be a token id below vocab_size")]:
+        with pytest.raises(ValueError, match=field):
+            GPTConfig.from_name("tiny", **overrides)
+
+
+def test_document_ids_start_at_the_separator():
+    """build-nanogpt prefixes each document with <|endoftext|>: the separator opens its document."""
+    idx = torch.tensor([[5, 9, 50256, 3, 4, 50256, 50256, 8], [50256, 1, 2, 3, 50256, 4, 5, 6]])
+    assert gpt.document_ids(idx, 50256).tolist() == [[0, 0, 1, 1, 1, 2, 3, 3], [1, 1, 1, 1, 2, 2, 2, 2]]
+
+
+def record_doc_ids(monkeypatch, spec):
+    """The doc_ids argument of every attention call of a model built with `spec`."""
+    seen = []
+    name = "_sdpa" if spec == "none" else "_flash_attention"
+    real = getattr(gpt, name)
+
+    def wrapper(q, k, v, dropout_p, doc_ids=None):
+        seen.append(doc_ids)
+        return real(q, k, v, dropout_p, doc_ids)
+
+    monkeypatch.setattr(gpt, name, wrapper)
+    # select_ops picks the function when called, from the module's globals: the wrapper is used
+    return seen
+
+
+@pytest.mark.parametrize("spec", ["none", "attention"])
+def test_default_model_passes_no_document_ids(monkeypatch, spec, device):
+    seen = record_doc_ids(monkeypatch, spec)
+    tiny(device, kernels=spec)(documents(device)[0])
+    assert seen == [None] * TINY.n_layer
+    doc_model(device, kernels=spec)(documents(device)[0])
+    assert len(seen) == 2 * TINY.n_layer and all(ids is not None for ids in seen[TINY.n_layer:])
+
+
+@pytest.mark.parametrize("spec", ["none", "attention"])
+def test_a_token_cannot_see_a_previous_document(spec, device):
+    """Changing a token of document 1 leaves the logits of documents 0 and 2 as they were (the
+    separator that opens document 2 included), with the kernel and with the reference; without
+    doc_mask the same change reaches every later position."""
+    masked = doc_model(device, kernels=spec).eval()
+    plain = tiny(device, kernels=spec).eval()
+    plain.load_state_dict(masked.state_dict())
+    idx = documents(device)[0]
+    changed = idx.clone()
+    changed[:, 12] = (changed[:, 12] + 1) % TINY.vocab_size
+    changed[changed == SEP] = SEP + 1
+    changed[:, [0, 9, 17]] = SEP
+    assert (changed != idx).sum() == 2  # one token of document 1 per row
+    with torch.no_grad():
+        before, after = masked(idx)[0], masked(changed)[0]
+        plain_before, plain_after = plain(idx)[0], plain(changed)[0]
+    others = [*range(9), *range(17, 24)]
+    torch.testing.assert_close(after[:, others], before[:, others], rtol=0, atol=1e-6)
+    assert (after[:, 12:17] - before[:, 12:17]).abs().amax() > 1e-3  # document 1 did change
+    assert (plain_after[:, 17:] - plain_before[:, 17:]).abs().amax() > 1e-3  # no mask: it leaks
+
+
+def test_doc_mask_kernels_match_reference_2x_rule(device):
+    """Every kernel on vs off with doc_mask, under the 2x rule, rows of several documents."""
+    ref = doc_model(device, kernels="none")
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    oracle = copy.deepcopy(ref).double()
+    model = doc_model(device, kernels="all")
+    model.load_state_dict(ref.state_dict())
+    idx, targets = documents(device, starts=(3, 4, 11, 20))  # a one-token document too
+    targets[0, :5] = -1
+    actual, baseline, expected = (forward_backward(m, idx, targets) for m in (model, ref, oracle))
+    for name in actual:
+        assert_close_2x(actual[name], baseline[name], expected[name], f"doc_mask kernels='all' {name}")
+    plain = tiny(device, kernels="none")
+    plain.load_state_dict(ref.state_dict())
+    with torch.no_grad():  # the mask changed something: documents 1.. see less than without it
+        assert not torch.allclose(plain(idx)[0], baseline["logits"], atol=1e-4)
+
+
+def test_doc_mask_with_dropout_trains_on_the_reference():
+    model = doc_model(dropout=0.1, kernels="none").train()
+    idx, targets = documents()
+    loss = model(idx, targets)[1]
+    loss.backward()
+    assert torch.isfinite(loss) and model.transformer.wte.weight.grad is not None
+
+
+def test_doc_mask_kv_cache_logits_match_full_forward():
+    """doc_mask in generate's cache: teacher-forced through documents and past block_size, each
+    cached step's logits equal the full forward's (float64), separators in the prompt and after."""
+    model = doc_model(kernels="none", block_size=16).double().eval()
+    tokens = documents(T=30, starts=(2, 5, 6, 14, 23))[0]
+    caches = None
+    with torch.no_grad():
+        for t in range(3, tokens.shape[1] + 1):
+            logits, caches = model._next_logits(tokens[:, :t], caches)
+            expected = model(tokens[:, max(0, t - 16):t])[0][:, -1]
+            torch.testing.assert_close(logits, expected, rtol=1e-12, atol=1e-12, msg=f"step {t}")
+
+
+def test_doc_mask_generate_with_the_attention_kernel(monkeypatch, device):
+    """Greedy tokens with the kernel and the cache equal the reference's without a cache, with a
+    separator in the prompt; the prefill passes doc_ids to the kernel."""
+    calls = []
+    real = kernels.flash_attention
+
+    def kernel(q, k, v, *args, **kwargs):
+        calls.append(kwargs.get("doc_ids") is not None)
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "flash_attention", kernel)
+    model = doc_model(device, kernels="attention", block_size=16).eval()
+    idx = documents(device, T=6, starts=(1, 4))[0]
+    cached = model.generate(idx, 6, top_k=1)
+    assert calls == [True] * TINY.n_layer  # the prefill; the one-query steps mask in PyTorch
+    reference = doc_model(device, kernels="none", block_size=16).eval()
+    reference.load_state_dict(model.state_dict())
+    assert torch.equal(cached, reference.generate(idx, 6, top_k=1, use_cache=False))

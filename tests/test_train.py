@@ -214,6 +214,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, ca
     (["--resume", "/no/such/ckpt.pt"], "no such checkpoint"),
     (["--hellaswag", "on"], "needs the GPT-2 tokenizer"),
     (["--seq-len", "1000000"], "--seq-len 1000000 is too long"),
+    (["--doc-mask"], "--doc-mask needs GPT-2 tokens"),
 ])
 def test_bad_flags_exit_with_message(flags, message, capsys):
     with pytest.raises(SystemExit) as info:
@@ -260,6 +261,70 @@ def test_shard_data_run(tmp_path):
     assert train_losses[0] == pytest.approx(math.log(50304), abs=0.3)
     assert train_losses[-1] < train_losses[0] - 2.0, train_losses
     assert len([r for r in records if "val_loss" in r]) == 2
+
+
+EOT = 50256
+
+
+def document_shards(directory, n_docs=400, seed=2):
+    """Shards of GPT-2 token documents in build-nanogpt's layout, each prefixed by <|endoftext|>:
+    3 to 12 tokens of one of two fixed sequences, so that rows of 16 tokens pack several."""
+    rng = np.random.default_rng(seed)
+    patterns = rng.integers(0, EOT, (2, 12))
+    docs = [np.concatenate([[EOT], patterns[rng.integers(2)][:rng.integers(3, 13)]]) for _ in range(n_docs)]
+    return write_shards(directory, np.concatenate(docs).astype(np.uint16))
+
+
+def test_doc_mask_trains_on_gpt2_token_shards(tmp_path, monkeypatch, capsys):
+    """--doc-mask: the model masks attention at <|endoftext|> (document ids reach every attention
+    call), the loss falls from ln(50304), and the checkpoint records it."""
+    from tritongpt.model import gpt
+    seen = []
+    real = gpt._sdpa
+
+    def attention(q, k, v, dropout_p, doc_ids=None):
+        seen.append(doc_ids is not None)
+        return real(q, k, v, dropout_p, doc_ids)
+
+    monkeypatch.setattr(gpt, "_sdpa", attention)
+    shards = document_shards(tmp_path / "shards")
+    records = run(tmp_path / "out", "--data", shards, "--doc-mask", "--max-steps", 12, "--warmup-steps", 2,
+                  "--total-batch", 128, "--eval-every", 12, "--eval-batches", 2, "--lr", "3e-3",
+                  "--hellaswag", "off")
+    train_losses = losses(records)
+    assert train_losses[0] == pytest.approx(math.log(50304), abs=0.3)
+    assert train_losses[-1] < train_losses[0] - 2.0, train_losses
+    assert seen and all(seen)
+    assert "attention masked at <|endoftext|> (--doc-mask)" in capsys.readouterr().out
+    ckpt = checkpoint.load(tmp_path / "out" / "ckpt.pt")
+    assert ckpt["args"]["doc_mask"] is True
+    assert ckpt["config"]["doc_mask"] is True and ckpt["config"]["doc_sep_token"] == EOT
+
+
+def test_doc_mask_cannot_change_on_resume(tmp_path):
+    shards = document_shards(tmp_path / "shards", n_docs=100)
+    flags = ["--data", shards, "--max-steps", 2, "--total-batch", 64, "--eval-batches", 1, "--hellaswag", "off"]
+    run(tmp_path / "plain", *flags)
+    with pytest.raises(SystemExit) as info:
+        run(tmp_path / "plain", *flags, "--max-steps", 3, "--resume", "auto", "--doc-mask")
+    assert str(info.value.code).startswith("train.py: --doc-mask True differs from False"), info.value.code
+    run(tmp_path / "masked", *flags, "--doc-mask")
+    resumed = run(tmp_path / "masked", *flags, "--max-steps", 3, "--resume", "auto")  # stays on
+    assert [r["step"] for r in resumed if "loss" in r] == [1, 2, 3]
+    assert checkpoint.load(tmp_path / "masked" / "ckpt.pt")["config"]["doc_mask"] is True
+    # from the path alone, the flag restated: --data comes from the checkpoint, not the demo default
+    train.main(["--resume", str(tmp_path / "masked" / "ckpt.pt"), "--doc-mask", "--max-steps", "4"])
+    assert checkpoint.load(tmp_path / "masked" / "ckpt.pt")["step"] == 4
+
+
+def test_a_checkpoint_older_than_doc_mask_resumes_without_it():
+    """A checkpoint written before --doc-mask existed trained without it: resuming it keeps it off,
+    and asking for it is refused."""
+    saved = vars(options.parse_args(["--data", "shakespeare"])).copy()
+    del saved["given"], saved["doc_mask"]
+    assert options.resumed(options.parse_args(["--data", "shakespeare"]), saved, "old.pt").doc_mask is False
+    with pytest.raises(ValueError, match="--doc-mask True differs from False in old.pt"):
+        options.resumed(options.parse_args(["--data", "shakespeare", "--doc-mask"]), saved, "old.pt")
 
 
 def test_missing_shards_exit_with_message(tmp_path):

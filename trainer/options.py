@@ -32,6 +32,10 @@ GPT2_DEFAULTS = dict(preset="gpt2", batch_size=64, seq_len=1024, total_batch=524
 RESUMABLE_CHANGES = ("resume", "out_dir", "device", "compile", "kernels", "log_every", "plot", "samples",
                      "hellaswag", "max_steps", "lr", "warmup_steps", "eval_every", "eval_batches", "ckpt_every", "time_budget",
                      "overwrite", "tokenizer_dir", "pg_timeout", "kernel_check")
+# Options newer than some checkpoints, with the value every run had before they existed: a
+# checkpoint without one was written by a run with this value (so --doc-mask cannot be turned on
+# when resuming a run that trained without it).
+OPTIONS_BEFORE = dict(doc_mask=False)
 
 
 def build_parser(description):
@@ -71,6 +75,9 @@ def build_parser(description):
     add("--kernel-check", action=argparse.BooleanOptionalAction, help="before training, check the Triton "
         "kernels against the reference at tiny shapes, in a subprocess (in Triton's interpreter on a CPU); "
         "default: on for the demo")
+    add("--doc-mask", action="store_true", help="attention stays inside documents: a token sees only "
+        "the earlier tokens of its own document, documents starting at <|endoftext|> (GPT-2-token runs "
+        "only; the demo's bytes have no such token). Fixed for the run: it cannot change on resume")
     add("--compile", action="store_true", help="torch.compile the model")
     add("--device", help="cpu, cuda or cuda:N (default: cuda when available; torchrun uses cuda:LOCAL_RANK)")
     add("--pg-timeout", type=float, default=300.0, help="seconds a process waits for the others under "
@@ -136,6 +143,10 @@ def check(args, world_size):
         return f"--data {args.data!r} is not one of {', '.join(DATASETS)} nor a directory"
     if args.data == "demo" and args.hellaswag == "on":
         return "--hellaswag on needs the GPT-2 tokenizer: use it with --data shakespeare, fineweb-edu or shards"
+    resuming_elsewhere = args.resume and "data" not in args.given  # --data then comes from the checkpoint
+    if args.data == "demo" and args.doc_mask and not resuming_elsewhere:
+        return ("--doc-mask needs GPT-2 tokens: it masks attention at <|endoftext|>, which the demo's bytes "
+                "do not have; use it with --data shakespeare, fineweb-edu or shards")
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
         return f"--resume {args.resume!r}: no such checkpoint file"
     return None
@@ -149,7 +160,9 @@ def model_preset(name):
 def resumed(args, saved, path):
     """The options of a run resumed from the checkpoint at path, whose options were `saved`:
     the saved ones, with the flags given now where they may change (RESUMABLE_CHANGES).
-    ValueError naming the option for any other flag asking for a different value."""
+    ValueError naming the option for any other flag asking for a different value. An option the
+    checkpoint predates takes its OPTIONS_BEFORE value, what that run trained with."""
+    saved = {**OPTIONS_BEFORE, **saved}
     for key in sorted(args.given - set(RESUMABLE_CHANGES)):
         if key in saved and saved[key] != getattr(args, key):
             flag = "--" + key.replace("_", "-")
