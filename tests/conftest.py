@@ -5,6 +5,7 @@ before Triton decorates the kernels, so it is set here, before any test module i
 """
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -14,6 +15,11 @@ import torch
 # own `kernels` package, which transformers looks for, among the names they would shadow).
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != REPO]
+
+# Inductor's compiled-graph cache keys a custom op by name, not by its fake implementation: a cache
+# left by another checkout or version of these kernels can replay stale output layouts. The suite
+# compiles into a cache of its own.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="tritongpt-inductor-"))
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"

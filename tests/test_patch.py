@@ -145,8 +145,8 @@ def test_hf_attention_probe_catches_a_wrong_adapter(monkeypatch, device):
     from tritongpt.kernels import reference
 
     real = reference.flash_attention
-    monkeypatch.setattr(reference, "flash_attention", lambda q, k, v, causal=True, sm_scale=None:
-                        real(q, k, v, causal=False, sm_scale=sm_scale))
+    monkeypatch.setattr(reference, "flash_attention", lambda q, k, v, causal=True, sm_scale=None, **features:
+                        real(q, k, v, causal=False, sm_scale=sm_scale, **features))
     model = hf_model(device)
     report = kernels.patch(model)
     attn = [c for c in report if c.path.endswith(".attn")]
