@@ -66,7 +66,7 @@ def _sdpa():
     return sdpa_attention_forward
 
 
-def _why_not_kernel(q, k, v, attention_mask, dropout, kwargs):
+def _why_not_kernel(q, k, v, attention_mask, dropout, causal, kwargs):
     """None when the kernel computes this call, else the reason it goes to SDPA."""
     if attention_mask is not None:
         return "an explicit attention mask"
@@ -85,25 +85,23 @@ def _why_not_kernel(q, k, v, attention_mask, dropout, kwargs):
         return "a head dimension the kernel does not take"
     if q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1]:
         return "query heads not a multiple of key/value heads"
+    if causal and q.shape[2] > max(k.shape[2], 1):  # SDPA's start-aligned mask has no kernel equivalent
+        return "causal with more queries than keys"
     return None
 
 
 def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' attention-function signature: (B, H, Tq, D) query, (B, H_kv, Tk, D) key and
     value -> ((B, Tq, H, D) output, None). See the module docstring for what runs the kernel."""
-    if _why_not_kernel(query, key, value, attention_mask, dropout, kwargs) is not None:
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if _why_not_kernel(query, key, value, attention_mask, dropout, causal, kwargs) is not None:
         return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                        is_causal=is_causal, **kwargs)
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     Tq, Tk = query.shape[2], key.shape[2]
-    if causal and 1 < Tq != Tk:
+    if causal and 1 < Tq < Tk:
         # SDPA's is_causal aligns the mask to the start (query i sees keys j <= i), the kernel's to
         # the end: with more keys than queries (a prefill into a pre-allocated cache) the keys past
-        # Tq are invisible to every query, so cropping them gives SDPA's answer; fewer keys than
-        # queries has no kernel equivalent.
-        if Tq > Tk:
-            return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                           is_causal=is_causal, **kwargs)
+        # Tq are invisible to every query, so cropping them gives SDPA's answer.
         key, value = key[:, :, :Tq], value[:, :, :Tq]
     # GQA / MQA go in as they are: the kernel's query head h reads key/value head h // (H // H_kv),
     # transformers' repeat_kv layout. One query sees every key (end-aligned causal and non-causal
