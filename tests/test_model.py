@@ -504,13 +504,22 @@ def test_kv_cache_logits_match_full_forward():
     the full forward's last-position logits (absolute positions, end-aligned mask) in float64."""
     model = tiny(kernels="none", block_size=16).double().eval()
     tokens = batch(T=24)[0]
-    caches = None
+    lengths = assert_cached_steps_match_full_forward(model, tokens, block_size=16)
+    assert lengths == [min(t, 16) for t in range(3, tokens.shape[1] + 1)]
+
+
+def assert_cached_steps_match_full_forward(model, tokens, block_size):
+    """Teacher-force tokens through generate's cache from 3 tokens on: each step's logits equal the
+    full forward's last-position logits over the last block_size tokens (float64). Returns the
+    first layer's cache length after each step."""
+    caches, lengths = None, []
     with torch.no_grad():
         for t in range(3, tokens.shape[1] + 1):
             logits, caches = model._next_logits(tokens[:, :t], caches)
-            expected = model(tokens[:, max(0, t - 16):t])[0][:, -1]
+            expected = model(tokens[:, max(0, t - block_size):t])[0][:, -1]
             torch.testing.assert_close(logits, expected, rtol=1e-12, atol=1e-12, msg=f"step {t}")
-            assert caches[0].length == min(t, 16)
+            lengths.append(caches[0].length)
+    return lengths
 
 
 def test_kv_cache_with_the_attention_kernel(monkeypatch, device):
@@ -659,12 +668,7 @@ def test_doc_mask_kv_cache_logits_match_full_forward():
     cached step's logits equal the full forward's (float64), separators in the prompt and after."""
     model = doc_model(kernels="none", block_size=16).double().eval()
     tokens = documents(T=30, starts=(2, 5, 6, 14, 23))[0]
-    caches = None
-    with torch.no_grad():
-        for t in range(3, tokens.shape[1] + 1):
-            logits, caches = model._next_logits(tokens[:, :t], caches)
-            expected = model(tokens[:, max(0, t - 16):t])[0][:, -1]
-            torch.testing.assert_close(logits, expected, rtol=1e-12, atol=1e-12, msg=f"step {t}")
+    assert_cached_steps_match_full_forward(model, tokens, block_size=16)
 
 
 def test_doc_mask_generate_with_the_attention_kernel(monkeypatch, device):
