@@ -16,7 +16,7 @@ import torch
 
 from tritongpt.kernels._utils import interpreting
 from tritongpt.trainer import checkpoint, kernel_check, logs, options
-from tritongpt.trainer.data import demo_corpus
+from tritongpt.trainer.data import DEMO_EOT, demo_splits
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,9 +60,11 @@ def losses(records):
     return [r["loss"] for r in records if "loss" in r]
 
 
-def test_demo_corpus_is_offline_text():
-    text = demo_corpus()
-    assert len(text) > 100_000 and "Return" in text
+def test_demo_corpus_is_offline_text_in_shuffled_documents():
+    train, val = demo_splits()
+    assert len(train) > 9 * len(val) > 250_000 and b"Return" in train.astype("uint8").tobytes()
+    for split in (train, val):  # documents start with DEMO_EOT, which the loader shuffles by
+        assert split[0] == DEMO_EOT and (split == DEMO_EOT).sum() > 50
 
 
 def test_demo_loss_falls_and_samples(tmp_path, capsys):

@@ -21,12 +21,13 @@ CORPUS_MODULES = (
     "string", "subprocess", "tempfile", "textwrap", "threading", "unittest", "urllib.parse",
 )
 DEMO_VOCAB = 256
+DEMO_EOT = 0  # the NUL byte, in no docstring, starts each demo document (GPT-2's <|endoftext|> role)
 GPT2_VOCAB = 50304  # GPT-2's 50257 tokens padded to a multiple of 128 for faster matmuls
-DEMO_VAL_FRACTION = 0.1
+DEMO_VAL_EVERY = 10  # every tenth docstring is held out for validation
 
 
-def demo_corpus():
-    """Every docstring of the modules above and of their public members, joined: about 340 KB of English."""
+def demo_documents():
+    """Every docstring of the modules above and of their public members: about 310 KB of English."""
     docs = []
     for name in CORPUS_MODULES:
         module = importlib.import_module(name)
@@ -36,17 +37,26 @@ def demo_corpus():
                 doc = inspect.getdoc(getattr(module, attr, None))
                 if doc and doc not in docs:
                     docs.append(doc)
-    return "\n\n".join(docs)
+    return [doc for doc in docs if doc]
+
+
+def _as_bytes(docs):
+    text = "".join(f"{chr(DEMO_EOT)}{doc}\n\n" for doc in docs)
+    tokens = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+    tokens.setflags(write=False)  # shared by every caller of the cache
+    return tokens
 
 
 @functools.lru_cache(maxsize=1)
 def demo_splits():
-    """The demo corpus as byte tokens: (train, val), the last tenth held out for validation.
-    Cached: building the corpus imports and reads dozens of modules."""
-    tokens = np.frombuffer(demo_corpus().encode("utf-8"), dtype=np.uint8).astype(np.int64)
-    tokens.setflags(write=False)  # shared by every caller of the cache
-    cut = int(len(tokens) * (1 - DEMO_VAL_FRACTION))
-    return tokens[:cut], tokens[cut:]
+    """The demo corpus as byte tokens: (train, val), every DEMO_VAL_EVERY-th docstring held out.
+    Each docstring starts with DEMO_EOT, so the training loader shuffles whole docstrings: read in
+    order, consecutive batches would all come from one module's documentation, and the model
+    would chase that module instead of learning English. Cached: building the corpus imports and
+    reads dozens of modules."""
+    docs = demo_documents()
+    return (_as_bytes(d for i, d in enumerate(docs) if i % DEMO_VAL_EVERY != DEMO_VAL_EVERY - 1),
+            _as_bytes(docs[DEMO_VAL_EVERY - 1::DEMO_VAL_EVERY]))
 
 
 def shard_dir(data):
@@ -68,7 +78,7 @@ def loader(args, split, procs):
                   vocab_size=vocab_size(args))
     if args.data == "demo":
         train, val = demo_splits()
-        return TokenLoader([train if split == "train" else val], **common)
+        return TokenLoader([train if split == "train" else val], eot=DEMO_EOT, **common)
     return TokenLoader.from_dir(shard_dir(args.data), split, **common)
 
 
@@ -79,7 +89,8 @@ class ByteCodec:
         return list(text.encode("utf-8"))
 
     def decode(self, ids):
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        """Text of the ids; the document separator DEMO_EOT is dropped."""
+        return bytes(i for i in ids if 0 <= i < 256 and i != DEMO_EOT).decode("utf-8", errors="replace")
 
 
 def codec(args):

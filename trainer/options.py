@@ -20,9 +20,11 @@ MAX_SEQ_LEN = 16384  # position embeddings and attention grow with it; beyond th
 
 # Defaults left as None by argparse are filled from the mode's table. Warmup is the table's
 # value or a tenth of --max-steps, whichever is smaller (a short run must leave warmup).
-DEMO_DEFAULTS = dict(preset="demo", batch_size=32, seq_len=128, total_batch=None, max_steps=300,
-                     lr=3e-3, warmup_steps=100, eval_every=100, eval_batches=10, ckpt_every=100,
-                     log_every=50, time_budget=200.0, kernel_check=True)
+# The demo takes many small steps (12 x 64 bytes): at this size, two CPU cores learn more words
+# per second from 1900 small steps than from 300 of 4096 bytes (measured: validation 1.9 vs 2.6).
+DEMO_DEFAULTS = dict(preset="demo", batch_size=12, seq_len=64, total_batch=None, max_steps=1900,
+                     lr=2e-3, warmup_steps=100, eval_every=500, eval_batches=10, ckpt_every=500,
+                     log_every=250, time_budget=240.0, kernel_check=True)
 GPT2_DEFAULTS = dict(preset="gpt2", batch_size=64, seq_len=1024, total_batch=524288, max_steps=19073,
                      lr=6e-4, warmup_steps=715, eval_every=250, eval_batches=20, ckpt_every=1000,
                      log_every=1, time_budget=0.0, kernel_check=False)
@@ -53,7 +55,7 @@ def build_parser(description):
         "for the demo, 524288 otherwise)")
     add("--max-steps", type=int, help="optimizer steps")
     add("--time-budget", type=float, help="seconds from the start of the process after which training "
-        "stops early, evaluates and checkpoints (0: none; default 200 for the demo, none otherwise)")
+        "stops early, evaluates and checkpoints (0: none; default 240 for the demo, none otherwise)")
     add("--lr", type=float, help="peak learning rate (cosine decay to a tenth of it)")
     add("--warmup-steps", type=int, help="linear warmup steps (default: 100 for the demo, 715 "
         "otherwise, or a tenth of --max-steps if that is fewer)")
