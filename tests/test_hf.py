@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 from helpers import check_same_maths, spy_ops
 
+from tritongpt.kernels import reference
+
 transformers = pytest.importorskip("transformers")
 hf = pytest.importorskip("tritongpt.kernels.hf")  # registers "tritongpt"
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
@@ -45,7 +47,7 @@ def run_lm(idx):
 @pytest.mark.parametrize("kind, overrides, kernel_calls", [
     ("gpt2", {}, 2), ("llama", {}, 2),
     ("mistral", {"sliding_window": 16}, 2),  # a window longer than the input: no mask, the kernel runs
-    ("mistral", {"sliding_window": 4}, 0),   # a real window: transformers builds a mask, sdpa runs
+    ("mistral", {"sliding_window": 4}, 2),   # a real window: transformers' mask is read as the kernel's window
 ])
 def test_model_matches_sdpa(kind, overrides, kernel_calls, monkeypatch, device):
     ours = tiny(kind, "tritongpt", device, **overrides)
@@ -58,8 +60,10 @@ def test_model_matches_sdpa(kind, overrides, kernel_calls, monkeypatch, device):
     assert calls.count("flash_attention") == kernel_calls
 
 
-def test_generate_with_the_cache_matches_sdpa(monkeypatch, device):
-    ours, sdpa = (tiny("llama", impl, device).eval() for impl in ("tritongpt", "sdpa"))
+@pytest.mark.parametrize("kind, overrides", [("llama", {}), ("mistral", {"sliding_window": 3})])
+def test_generate_with_the_cache_matches_sdpa(kind, overrides, monkeypatch, device):
+    """Greedy decoding past the window: the prefill and every cached step run the kernel."""
+    ours, sdpa = (tiny(kind, impl, device, **overrides).eval() for impl in ("tritongpt", "sdpa"))
     sdpa.load_state_dict(ours.state_dict())
     calls = spy_ops(monkeypatch)
     idx = torch.randint(1, V, (1, 5), device=device)
@@ -91,6 +95,38 @@ def test_register_refuses_an_old_transformers():
     hf.check_version("5.24.0.dev0")
 
 
+def causal_mask(Tq, Tk, window=None):
+    """transformers' boolean mask of an unpadded causal (sliding-window) batch of 2: (2, 1, Tq, Tk)."""
+    i, j = torch.arange(Tq)[:, None] + Tk - Tq, torch.arange(Tk)[None, :]
+    keep = (j <= i) & ((j > i - window) if window else True)
+    return keep.expand(2, 1, Tq, Tk)
+
+
+def padded(mask):
+    """mask with batch row 1's first key hidden from every query (left padding)."""
+    mask = mask.clone()
+    mask[1, :, :, 0] = False
+    return mask
+
+
+def test_a_sliding_window_mask_read_once_and_again_after_a_change(monkeypatch):
+    """The verdict on a mask tensor is reused for the next layer, and not after the mask changes."""
+    module = nn.Module()
+    q, k, v = (torch.randn(2, 4, 6, 16, dtype=torch.float64) for _ in range(3))
+    mask = causal_mask(6, 6, window=3).clone()
+    reads = []
+    monkeypatch.setattr(hf, "_kernel_mask", lambda *a, **kw: reads.append(a) or reference.attention_mask(*a, **kw))
+    calls = spy_ops(monkeypatch)
+    for _ in range(2):
+        hf.attention(module, q, k, v, mask, scaling=0.3)
+    assert calls == ["flash_attention"] * 2 and len(reads) == 1
+    mask[1, :, :, 0] = False  # in place: now a padded batch
+    got, _ = hf.attention(module, q, k, v, mask, scaling=0.3)
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+    assert calls == ["flash_attention"] * 2 and len(reads) == 2
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_attention_function_refers_what_it_cannot_compute_to_sdpa(monkeypatch):
     """The registered function, called directly: kernel for no-mask causal, decode and non-causal
     calls (GQA heads repeated), transformers' sdpa for masks, dropout and unknown keywords."""
@@ -102,7 +138,13 @@ def test_attention_function_refers_what_it_cannot_compute_to_sdpa(monkeypatch):
         (q[:, :, :3], 6, {}, True),  # a prefill into a longer, pre-allocated cache: keys cropped
         (q, 6, {"sliding_window": 6}, True),  # a window as long as the keys changes nothing
         (q, 6, {"dropout": 0.1}, False), (q, 6, {"sliding_window": 4}, False), (q, 6, {"s_aux": torch.zeros(4)}, False),
-        (q, 6, {"attention_mask": torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()}, False),
+        (q, 6, {"attention_mask": causal_mask(6, 6)}, True),  # the kernel's own mask, spelled out
+        (q, 6, {"attention_mask": causal_mask(6, 6, window=3), "sliding_window": 3}, True),
+        (q[:, :, -1:], 6, {"attention_mask": causal_mask(1, 6, window=4)}, True),  # a decoding step
+        (q[:, :, :3], 6, {"attention_mask": causal_mask(3, 6, window=2)}, True),   # a chunk of a prefill
+        (q, 6, {"attention_mask": padded(causal_mask(6, 6, window=3))}, False),  # left padding in row 1
+        (q, 6, {"attention_mask": causal_mask(6, 6).transpose(-1, -2).contiguous()}, False),
+        (q, 6, {"attention_mask": causal_mask(6, 6).float()}, False),  # an additive mask is not read
         (q, 3, {}, False),  # more queries than keys: SDPA's start alignment, no kernel equivalent
     ]
     for query, tk, kwargs, kernel in cases:
@@ -127,8 +169,6 @@ def test_attention_function_refers_what_it_cannot_compute_to_sdpa(monkeypatch):
 def test_softcap_runs_the_kernel(monkeypatch):
     """Gemma 2's attention softcapping (which transformers' sdpa refuses) is the kernel's softcap,
     on GQA heads as they come."""
-    from tritongpt.kernels import reference
-
     module = nn.Module()
     q = torch.randn(2, 4, 6, 16, dtype=torch.float64)
     k, v = (torch.randn(2, 2, 6, 16, dtype=torch.float64) for _ in range(2))
