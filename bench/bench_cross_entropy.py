@@ -12,7 +12,9 @@ ignore_index=-1 and a few rows ignored, as in training. Inputs require grad in e
   liger = Liger-Kernel's cross entropy (it writes the gradient into the logits in place).
 - op "linear_cross_entropy": triton = kernels.linear_cross_entropy, torch = F.linear then
   F.cross_entropy (reference.linear_cross_entropy), torch_compile of it, liger = Liger's fused
-  linear cross entropy.
+  linear cross entropy, torch_chunked = PyTorch's own F.linear_cross_entropy with its chunked
+  path (LinearCrossEntropyOptions(), which never holds the full logits), where the installed
+  torch has it (2.13 and newer).
 - bwd runs the forward once outside the timing and times loss.backward(retain_graph=True);
   gradients are set to None before each timed run (grad_to_none). fwd_bwd times both.
   Note: linear_cross_entropy (ours and Liger's) computes its gradients during the forward, so its
@@ -40,7 +42,7 @@ C = 768
 MODES = harness.MODES
 DTYPE = torch.bfloat16
 IGNORE_INDEX = -1
-OPTIONAL = ("torch_compile", "liger")  # providers whose failure skips them instead of stopping the run
+OPTIONAL = ("torch_compile", "liger", "torch_chunked")  # providers whose failure skips them, not the run
 SMOKE = {"QUICK_ROWS": (8,), "V": 500, "C": 32}  # a smoke run's shapes (harness.smoke_constants)
 
 
@@ -78,7 +80,25 @@ def providers(op, no_compile=False):
             fns["liger"] = lambda logits, targets, ignore_index: ce(logits, targets)
         else:
             fns["liger"] = lambda x, w, targets, ignore_index: fused(w, x, targets)
+    if op == "linear_cross_entropy":
+        chunked, why = _torch_chunked()
+        if chunked is None:
+            skipped["torch_chunked"] = why
+        else:
+            fns["torch_chunked"] = chunked
     return fns, skipped
+
+
+def _torch_chunked():
+    """(PyTorch's chunked linear cross-entropy as a provider, None), or (None, why not here)."""
+    import torch.nn.functional as F
+
+    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return None, f"torch {torch.__version__} has no F.linear_cross_entropy (new in 2.13)"
+    # allow_retain_graph: the bwd mode calls backward on one graph again and again
+    options = torch.nn.LinearCrossEntropyOptions(allow_retain_graph=True)
+    return (lambda x, w, targets, ignore_index:
+            F.linear_cross_entropy(x, w, targets, ignore_index=ignore_index, options=options)), None
 
 
 def make_inputs(op, N, device="cuda"):

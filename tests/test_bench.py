@@ -235,6 +235,36 @@ def test_bench_cross_entropy_run_on_cpu(monkeypatch, op):
         assert all(r["tflops"] > 0 for r in rows if r["mode"] == "fwd_bwd")
 
 
+def test_bench_linear_cross_entropy_has_pytorch_chunked_baseline(monkeypatch):
+    """Where torch has F.linear_cross_entropy (2.13+) it is a provider, computing the reference's
+    loss and gradients through its chunked path (which never holds the full logits, and does
+    take the bwd mode's repeated backward); where it lacks it, the skip says why."""
+    import torch.nn.functional as F
+
+    from tritongpt.kernels import reference
+
+    if not hasattr(F, "linear_cross_entropy"):
+        _, skipped = bce.providers("linear_cross_entropy", no_compile=True)
+        assert "has no F.linear_cross_entropy" in skipped["torch_chunked"]
+        return
+    fns, _ = bce.providers("linear_cross_entropy", no_compile=True)
+    x, w = torch.randn(40, 16, dtype=torch.float64), torch.randn(64, 16, dtype=torch.float64)
+    targets = torch.randint(0, 64, (40,))
+    targets[::7] = -1
+    got, want = ([t.clone().requires_grad_() for t in (x, w)] for _ in range(2))
+    loss = fns["torch_chunked"](*got, targets, ignore_index=-1)
+    for _ in range(2):  # the bwd mode's repeated backward over one graph
+        for t in got:
+            t.grad = None
+        loss.backward(retain_graph=True)
+    ref = reference.linear_cross_entropy(*want, targets, ignore_index=-1)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.grad, b.grad)
+    assert "torch_chunked" not in bce.providers("cross_entropy", no_compile=True)[0]
+
+
 def test_bench_cross_entropy_skips_cleanly_without_cuda(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bce.main(["--quick", "--out-dir", str(tmp_path)]) == 0
