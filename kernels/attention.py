@@ -53,6 +53,15 @@ CUDA_CONFIGS = {
     ("dq", 64): [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
     ("dq", 128): [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
 }
+# The feature specialisations that carry more live state per tile (the softcap's tanh in the
+# forward; GQA's loop over the group, the softcap or document ids in dK/dV) pass 255 registers at
+# the plain D = 64 tiles and take a stack frame; these tiles compile with neither on sm_90 and
+# sm_80 (checked ahead of time, tests/test_inspect.py). Window-only and dQ specialisations fit the
+# plain lists.
+FEATURE_CONFIGS = {
+    ("fwd", 64): [(128, 32, 8, 3), (64, 64, 4, 3)],
+    ("dkdv", 64): [(32, 128, 8, 3)],
+}
 # Small head dims reuse the D = 64 lists (their tiles are smaller still). fp32 and fp64 dots run
 # on CUDA cores (no tf32), which need far more registers per tile: small tiles only (correctness
 # paths, not tuned for speed; some of these still spill a few hundred bytes at D = 128).
@@ -572,29 +581,39 @@ def _bucket(t):
     return max(16, triton.next_power_of_2(t))
 
 
-def cuda_configs(kind, head_d, dtype=torch.bfloat16):
-    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) list autotuned for `kind` at head dim D."""
+def heavy_features(kind, softcap=None, doc_ids=None, group=1):
+    """Whether `kind`'s specialisation takes FEATURE_CONFIGS (see there)."""
+    if kind == "fwd":
+        return softcap is not None
+    return kind == "dkdv" and (softcap is not None or doc_ids is not None or group > 1)
+
+
+def cuda_configs(kind, head_d, dtype=torch.bfloat16, heavy=False):
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) list autotuned for `kind` at head dim D;
+    heavy: a specialisation of heavy_features."""
     if dtype in (torch.float32, torch.float64):
         return WIDE_CONFIGS
-    return CUDA_CONFIGS[(kind, 128 if head_d == 128 else 64)]
+    key = (kind, 128 if head_d == 128 else 64)
+    return FEATURE_CONFIGS.get(key, CUDA_CONFIGS[key]) if heavy else CUDA_CONFIGS[key]
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel, kind, head_d, dtype, bucket_q, bucket_k):
-    """An autotuner over cuda_configs for one kernel, head dim, dtype and pair of length buckets."""
+def _tuned(kernel, kind, head_d, dtype, bucket_q, bucket_k, heavy):
+    """An autotuner over cuda_configs for one kernel, head dim, dtype, pair of length buckets and
+    feature weight."""
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-               for bm, bn, w, s in cuda_configs(kind, head_d, dtype)]
+               for bm, bn, w, s in cuda_configs(kind, head_d, dtype, heavy)]
     return triton.autotune(configs, key=["CAUSAL", "HAS_WINDOW", "SOFTCAP", "HAS_DOCS"])(kernel)
 
 
-def _launch(kernel, kind, grid, args, constexprs, Tq, Tk):
+def _launch(kernel, kind, grid, args, constexprs, Tq, Tk, heavy=False):
     """Launch with the fixed interpreter config, or autotuned on CUDA; grid(BLOCK_M, BLOCK_N).
     args[0] is q (its dtype picks the config list)."""
     if interpreting():
         bm, bn, warps, stages = INTERPRET_CONFIG[kind]
         kernel[grid(bm, bn)](*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
         return
-    tuned = _tuned(kernel, kind, constexprs["HEAD_D"], args[0].dtype, _bucket(Tq), _bucket(Tk))
+    tuned = _tuned(kernel, kind, constexprs["HEAD_D"], args[0].dtype, _bucket(Tq), _bucket(Tk), heavy)
     tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
 
 
@@ -650,7 +669,8 @@ def _attention_fwd(q, k, v, causal, sm_scale, window, softcap, doc_ids):
     q, sm_scale = _positive_scale(q, sm_scale)
     (docs, stride_docb, qk_scale, cap, win), constexprs = _options(q, causal, sm_scale, window, softcap, doc_ids)
     args = (q, k, v, o, stats, docs, *_strides(q, k, v, o), stride_docb, H, H // H_kv, Tq, Tk, qk_scale, cap, win)
-    _launch(_attention_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(Tq, bm), B * H), args, constexprs, Tq, Tk)
+    _launch(_attention_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(Tq, bm), B * H), args, constexprs, Tq, Tk,
+            heavy_features("fwd", softcap))
     return o, stats
 
 
@@ -679,11 +699,12 @@ def _attention_bwd(do, q, k, v, o, stats, causal, sm_scale, window, softcap, doc
     rest = (cap, win)
     # EVEN_M is fixed per launch, before autotuning picks BLOCK_M: it holds when Tq is a multiple
     # of every query tile a dK/dV config may use.
-    configs = [INTERPRET_CONFIG["dkdv"]] if interpreting() else cuda_configs("dkdv", D, q.dtype)
+    heavy = heavy_features("dkdv", softcap, doc_ids, H // H_kv)
+    configs = [INTERPRET_CONFIG["dkdv"]] if interpreting() else cuda_configs("dkdv", D, q.dtype, heavy)
     even_m = all(Tq % bm == 0 for bm, *_ in configs)
     _launch(_attention_bwd_dkdv_kernel, "dkdv", lambda bm, bn: (triton.cdiv(Tk, bn), B * H_kv),
             (q, k, v, do, stats, delta, dk, dv, docs, *_strides(q, k, v, do, dk), *scalars, sm_scale, *rest),
-            dict(options, EVEN_M=even_m), Tq, Tk)
+            dict(options, EVEN_M=even_m), Tq, Tk, heavy)
     _launch(_attention_bwd_dq_kernel, "dq", lambda bm, bn: (triton.cdiv(Tq, bm), B * H),
             (q, k, v, do, stats, delta, dq, docs, *_strides(q, k, v, do, dq), *scalars, dq_scale, *rest),
             options, Tq, Tk)

@@ -168,8 +168,10 @@ def _attention_launch(at, kind, D, dtype, pointers, strided, features):
     """A Launch of one attention kernel at the first (expected best) of its CUDA configs.
     pointers: (name, type) pairs; strided: (stride prefix, "in" or "out") in argument order;
     features: a key of ATTN_FEATURES."""
-    bm, bn, warps, stages = at.cuda_configs(kind, D)[0]
     feature = ATTN_FEATURES[features]
+    heavy = at.heavy_features(kind, softcap=1.0 if feature.get("SOFTCAP") else None,
+                              doc_ids=True if feature.get("HAS_DOCS") else None, group=feature["GROUP"])
+    bm, bn, warps, stages = at.cuda_configs(kind, D, heavy=heavy)[0]
     layouts = dict(zip(("in", "out"), _attention_strides(D)))
     args = dict(pointers)
     for prefix, layout in strided:

@@ -19,13 +19,6 @@ KNOWN_SPILLS = {
         "the limit width: a 16384-wide row of x, dy, w and both fp32 partial sums in registers does not "
         "fit; the stack frame (a few hundred bytes per thread) is reported, not hidden",
 }
-# Attention's feature specialisations (off by default) at the plain config's tiles: a small stack
-# frame (8-64 bytes per thread, no spill) where the softcap's tanh, the doc ids or the GQA loop pass
-# 255 registers. A config list of their own is owed (issue 17).
-_FEATURE_STACK = "a feature specialisation at the plain config's tile: a small stack frame, no spill"
-KNOWN_SPILLS.update({(k, f"T=1024 D=64 causal {f} bf16"): _FEATURE_STACK for k, f in (
-    ("_attention_fwd_kernel", "softcap"), ("_attention_bwd_dkdv_kernel", "gqa"),
-    ("_attention_bwd_dkdv_kernel", "softcap"), ("_attention_bwd_dkdv_kernel", "docs"))})
 KNOWN_SPILLS[("_attention_bwd_dkdv_kernel", "T=1024 D=128 causal bf16")] = (
     "D = 128 (not GPT-2's head dim) on sm_80 only: 8 stack bytes since the backward loads two saved "
     "statistics per row (m and 1/l) instead of one logsumexp")
