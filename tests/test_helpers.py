@@ -1,0 +1,82 @@
+"""tests/helpers.py's correctness rule itself: what it lets through and what it stops."""
+import math
+
+import pytest
+import torch
+from helpers import assert_close_2x, dot_ulps
+
+
+def test_a_failing_pytorch_is_no_bar():
+    """Where PyTorch's own op returns nan and the oracle is finite, the bar is the oracle rounded
+    to the dtype: a right kernel passes, a wrong one still fails."""
+    oracle = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    pytorch = torch.tensor([float("nan")] * 3, dtype=torch.float16)
+    assert_close_2x(oracle.half(), pytorch, oracle, "y")
+    with pytest.raises(AssertionError, match="y"):
+        assert_close_2x((oracle + 0.01).half(), pytorch, oracle, "y")
+
+
+def test_dot_ulps_widen_only_fp32_accumulations():
+    assert dot_ulps(torch.float32, 64) == 8.0
+    assert dot_ulps(torch.float32, None) == dot_ulps(torch.float16, 64) == dot_ulps(torch.bfloat16, 64) == 1.0
+
+
+def test_ulps_set_both_slacks():
+    """A result off by three ulps of its largest value passes with ulps=4 and fails with one,
+    when PyTorch is exact."""
+    oracle = torch.tensor([1.0, 0.25], dtype=torch.float64)
+    off = (oracle + torch.tensor([3 * torch.finfo(torch.float32).eps, 0.0], dtype=torch.float64)).float()
+    assert_close_2x(off, oracle.float(), oracle, "x", ulps=4.0)
+    with pytest.raises(AssertionError):
+        assert_close_2x(off, oracle.float(), oracle, "x")
+    assert math.isclose(dot_ulps(torch.float32, 16), 4.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's cast (CPU runs)")
+def test_the_suite_rounds_bf16_like_a_gpu():
+    """conftest makes the interpreter's fp32 -> bf16 cast round to nearest even, as a GPU does
+    (Triton's own interpreter truncates: checked here, so a fixed Triton shows up)."""
+    import conftest
+    import numpy as np
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def cast(X, Y, N: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(Y + i, tl.load(X + i).to(tl.bfloat16).to(tl.float32))
+
+    x = torch.cat([torch.randn(1021) * 3, torch.tensor([float("inf"), float("-inf"), float("nan")])])
+    y = torch.empty_like(x)
+    cast[(1,)](x, y, N=1024)
+    torch.testing.assert_close(y, x.to(torch.bfloat16).float(), rtol=0, atol=0, equal_nan=True)
+    from triton.runtime import interpreter
+    truncated = conftest.INTERPRETER_CONVERT_FLOAT(x[:8].numpy(), tl.float32, tl.bfloat16, None)
+    exact = np.ascontiguousarray(x[:8].to(torch.bfloat16).view(torch.int16).numpy()).view(np.uint16)
+    assert interpreter._convert_float is not conftest.INTERPRETER_CONVERT_FLOAT
+    assert not np.array_equal(np.asarray(truncated).view(np.uint16), exact), "Triton now rounds bf16 itself: drop the patch"
+
+
+@pytest.mark.parametrize("causal, Tq", [(True, 7), (True, 3), (False, 9)])
+def test_fa2_baseline_is_attention(causal, Tq):
+    """tests/fa2.py, a bar the property suite holds attention to, computes attention: exact in
+    fp64, and in fp32 as close to the oracle as SDPA (a broken one would loosen the bar)."""
+    import fa2
+
+    from tritongpt.kernels import reference
+
+    q, k, v = (torch.randn(2, 3, T, 16, dtype=torch.float64) for T in (Tq, 7, 7))
+    dy = torch.randn(2, 3, Tq, 16, dtype=torch.float64)
+
+    def run(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves, causal=causal, sm_scale=0.3)
+        out.backward(dy.to(dtype))
+        return [out.detach().double()] + [t.grad.double() for t in leaves]
+
+    oracle = run(reference.flash_attention, torch.float64)
+    for got, want in zip(run(fa2.flash_attention, torch.float64), oracle):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for ours, sdpa, want in zip(run(fa2.flash_attention, torch.float32), run(reference.flash_attention, torch.float32),
+                                oracle):
+        assert (ours - want).abs().max() <= 4 * (sdpa - want).abs().max() + 1e-6
