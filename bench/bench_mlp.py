@@ -11,6 +11,9 @@ grad in every mode, so the forward is the training forward (it keeps what its ba
 - torch: kernels.reference.gelu_mlp in eager mode: cuBLAS matmuls with the bias, and a separate
   GELU kernel over the 4C-wide activation.
 - torch_compile: torch.compile of the reference (Inductor's fusions and matmul choices).
+- triton_gemm: kernels.gelu_mlp with kernels.mlp.PLAIN_GEMM = "triton": its four plain GEMMs
+  (proj forward, dx, both weight gradients) by the project's Triton matmul instead of cuBLAS,
+  the default; the rows against "triton" decide which backend the default should be.
 Liger-Kernel has no GPT-2 (Linear -> GELU -> Linear) MLP, only gated ones, so it is not a provider.
 
 - fwd times y = gelu_mlp(x, W1, b1, W2, b2).
@@ -60,7 +63,11 @@ def providers(no_compile=False):
     """({name: fn(x, w1, b1, w2, b2)}, {name: why skipped}) for every provider this machine can offer."""
     from tritongpt.kernels import gelu_mlp, reference
 
-    fns = {"triton": gelu_mlp, "torch": reference.gelu_mlp}
+    def triton_gemm(*args):
+        return gelu_mlp(*args)
+
+    triton_gemm.plain_gemm = "triton"  # prepare() keeps it set through the backward too
+    fns = {"triton": gelu_mlp, "triton_gemm": triton_gemm, "torch": reference.gelu_mlp}
     skipped = {"liger": "Liger-Kernel has no GPT-2 (non-gated GELU) MLP"}
     if no_compile:
         skipped["torch_compile"] = "--no-compile"
@@ -91,9 +98,27 @@ def runner(fn, mode, x, w1, b1, w2, b2, dy):
     return lambda: fn(x, w1, b1, w2, b2).backward(dy)
 
 
+def _with_plain_gemm(backend, fn):
+    """fn, run with kernels.mlp.PLAIN_GEMM = backend (restored after each call)."""
+    from tritongpt.kernels import mlp
+
+    def call(*args):
+        saved, mlp.PLAIN_GEMM = mlp.PLAIN_GEMM, backend
+        try:
+            return fn(*args)
+        finally:
+            mlp.PLAIN_GEMM = saved
+    return call
+
+
 def prepare(fn, mode, inputs):
-    """(callable to time, leaves whose grads are reset) of one provider in one mode."""
-    return runner(fn, mode, *inputs), list(inputs[:5])
+    """(callable to time, leaves whose grads are reset) of one provider in one mode. A provider
+    with a plain_gemm attribute runs everything (the untimed forward of bwd too) on that backend."""
+    backend = getattr(fn, "plain_gemm", None)
+    if backend is None:
+        return runner(fn, mode, *inputs), list(inputs[:5])
+    timed = _with_plain_gemm(backend, runner)(fn, mode, *inputs)
+    return _with_plain_gemm(backend, timed), list(inputs[:5])
 
 
 measure = harness.timer(prepare)  # (time_ms dict, peak MiB) of one provider in one mode

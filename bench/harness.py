@@ -72,8 +72,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
 OPS = ("layer_norm", "attention", "mlp", "cross_entropy", "linear_cross_entropy", "train_step")
-PROVIDERS = ("triton", "torch", "torch_compile", "torch_chunked", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient",
-             "flex_attention", "liger")
+PROVIDERS = ("triton", "torch", "torch_compile", "torch_chunked", "triton_gemm", "sdpa_flash", "sdpa_cudnn",
+             "sdpa_efficient", "flex_attention", "liger")
 MODES = ("fwd", "bwd", "fwd_bwd")
 # The kernels a train_step row may name as "triton:<kernel>[,<kernel>...]" (GPTConfig.kernels names).
 MODEL_KERNELS = ("layer_norm", "attention", "mlp", "cross_entropy")

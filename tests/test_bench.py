@@ -684,9 +684,19 @@ def test_bench_mlp_run_on_cpu(monkeypatch):
     monkeypatch.setattr(bmlp, "DTYPE", torch.float32)
     monkeypatch.setattr(harness, "time_ms", lambda fn, warmup, rep, grad_to_none: (fn(), dict(TIMING))[1])
     monkeypatch.setattr(harness, "peak_memory_mb", lambda fn: (fn(), 1.0)[1])
+    from tritongpt.kernels import mlp
+
+    backends = []  # the plain-GEMM backend in force at each plain GEMM, forward or backward
+    plain = mlp._plain_matmul
+    monkeypatch.setattr(mlp, "_plain_matmul", lambda *a, **kw: (backends.append(mlp.PLAIN_GEMM), plain(*a, **kw))[1])
     fns, skipped = bmlp.providers(no_compile=True)
-    assert set(fns) == {"triton", "torch"} and "torch_compile" in skipped
+    assert set(fns) == {"triton", "triton_gemm", "torch"} and "torch_compile" in skipped
+    rows = bmlp.run((16,), {"triton_gemm": fns["triton_gemm"]}, skipped, 1.0, warmup=1, rep=1, device="cpu")
+    assert backends and set(backends) == {"triton"} and mlp.PLAIN_GEMM == "cublas"
+    backends.clear()
+    fns = {k: fns[k] for k in ("triton", "torch")}
     rows = bmlp.run((16,), fns, skipped, ceiling_tflops=1.0, warmup=1, rep=1, device="cpu")
+    assert set(backends) == {"cublas"}
     assert [(r["provider"], r["mode"]) for r in rows] == [(p, m) for p in fns for m in bmlp.MODES]
     assert rows[0]["tflops"] == round(harness.tflops(bmlp.mlp_flops(5, 16, "fwd"), 1.0), 6)  # rows round to 6 digits
     assert rows[0]["shape"] == {"rows": 5, "C": 16, "H": 64} and rows[0]["ceiling_frac"] == rows[0]["tflops"]
@@ -707,7 +717,7 @@ def test_bench_mlp_follows_the_protocol():
     assert bmlp.OPS == ("mlp",) and "bench_mlp" in [harness.module_name(m) for m in harness.discover_modules()[0]]
     args = harness.arg_parser("x").parse_args(["--quick", "--no-compile"])
     ids = [case_id for case_id, _ in bmlp.cases(args)]
-    assert ids == [f"mlp-C768-{p}-{m}" for p in ("triton", "torch") for m in bmlp.MODES]
+    assert ids == [f"mlp-C768-{p}-{m}" for p in ("triton", "triton_gemm", "torch") for m in bmlp.MODES]
 
 
 # --- smoke runs (--smoke): CPU timing, tiny shapes, marked results, failures ---------------------
