@@ -5,6 +5,8 @@ BLOCK_N with an online softmax (running max m and sum l, fp32 accumulators), in 
 multiplied by sm_scale * log2(e) inside the exponent's FMA, exp2(qk * c - m). Key tiles every query of the tile
 sees run unmasked; only the tiles that cross the causal diagonal or the end of the keys are masked;
 tiles past the diagonal are never visited. Per query row m (base 2) and 1/l are saved, in fp32.
+On Hopper (and in the interpreter) fp16/bf16 key and value tiles come through TMA when their
+layout allows it (_kv_descriptors); everything else reads them through pointers.
 Backward: delta = rowsum(dO * O) in a small kernel; then one kernel per key tile accumulates dK and
 dV over the query tiles that see it, and one kernel per query tile accumulates dQ over its key
 tiles, both recomputing the probabilities from those two statistics. Every gradient element is
@@ -170,15 +172,31 @@ def _key_range(m0, Tq, Tk, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexp
 
 
 @triton.jit
+def _load_kv(K, V, Kd, Vd, kb, kh, start_n, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, Tk,
+             MASKED: tl.constexpr, TMA: tl.constexpr):
+    """The key and value tiles of rows offs_n = start_n + arange(BLOCK_N). TMA: through the
+    (B, H_kv, Tk, D) tensor descriptors Kd, Vd at batch kb, kv head kh (the copy engine fills
+    rows past Tk with zeros, as the masked pointer load does); else rows of pointers."""
+    if TMA:
+        k = Kd.load([kb, kh, start_n, 0]).reshape([offs_n.shape[0], offs_d.shape[0]])
+        v = Vd.load([kb, kh, start_n, 0]).reshape([offs_n.shape[0], offs_d.shape[0]])
+    else:
+        k = _load_rows(K, offs_n, offs_d, stride_kn, stride_kd, Tk, MASKED)
+        v = _load_rows(V, offs_n, offs_d, stride_vn, stride_vd, Tk, MASKED)
+    return k, v
+
+
+@triton.jit
 def _attention_fwd_tile(
-    acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_n, offs_d,
-    qdoc, kdoc, Tq, Tk, qk_scale, cap, window,
+    acc, l_i, m_i, q, K, V, Kd, Vd, kb, kh, start_n, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_n,
+    offs_d, qdoc, kdoc, Tq, Tk, qk_scale, cap, window,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_DOCS: tl.constexpr, IN_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Fold the key tile offs_n into the running (acc, l, m); MASKED applies the mask."""
-    k = _load_rows(K, offs_n, offs_d, stride_kn, stride_kd, Tk, MASKED)
-    v = _load_rows(V, offs_n, offs_d, stride_vn, stride_vd, Tk, MASKED)
+    k, v = _load_kv(K, V, Kd, Vd, kb, kh, start_n, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, Tk,
+                    MASKED, TMA)
     x, c, _t = _scores(_dot(q, tl.trans(k), IN_DTYPE, UPCAST, PREC), qk_scale, cap, SOFTCAP)
     if MASKED:
         keep = _visible(offs_m[:, None], offs_n[None, :], Tq, Tk, window, qdoc[:, None], kdoc[None, :],
@@ -198,11 +216,11 @@ def _attention_fwd_tile(
 
 @triton.jit
 def _attention_fwd_tiles(
-    acc, l_i, m_i, q, K, V, Docs, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, qdoc,
+    acc, l_i, m_i, q, K, V, Kd, Vd, kb, kh, Docs, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, qdoc,
     lo, hi, Tq, Tk, qk_scale, cap, window,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_DOCS: tl.constexpr, IN_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Fold the key tiles [lo, hi) into the running (acc, l, m); with documents, tiles that share
     no document with the query tile are skipped."""
@@ -212,20 +230,20 @@ def _attention_fwd_tiles(
             kdoc = _load_docs(Docs, offs_n, Tk)
             if _share_docs(qdoc, kdoc):
                 acc, l_i, m_i = _attention_fwd_tile(
-                    acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_n,
-                    offs_d, qdoc, kdoc, Tq, Tk, qk_scale, cap, window,
-                    MASKED, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC)
+                    acc, l_i, m_i, q, K, V, Kd, Vd, kb, kh, start_n, stride_kn, stride_kd, stride_vn, stride_vd,
+                    offs_m, offs_n, offs_d, qdoc, kdoc, Tq, Tk, qk_scale, cap, window,
+                    MASKED, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, TMA)
         else:
             acc, l_i, m_i = _attention_fwd_tile(
-                acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_n,
-                offs_d, qdoc, offs_n, Tq, Tk, qk_scale, cap, window,
-                MASKED, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC)
+                acc, l_i, m_i, q, K, V, Kd, Vd, kb, kh, start_n, stride_kn, stride_kd, stride_vn, stride_vd,
+                offs_m, offs_n, offs_d, qdoc, offs_n, Tq, Tk, qk_scale, cap, window,
+                MASKED, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, TMA)
     return acc, l_i, m_i
 
 
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, O, Stats, Docs,
+    Q, K, V, O, Stats, Docs, Kd, Vd,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -233,9 +251,10 @@ def _attention_fwd_kernel(
     stride_docb, H, GROUP, Tq, Tk, qk_scale, cap, window,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DOCS: tl.constexpr,
     HEAD_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program per (query tile, batch, query head); query head h reads kv head h // GROUP."""
+    """One program per (query tile, batch, query head); query head h reads kv head h // GROUP.
+    TMA: keys and values come through the tensor descriptors Kd, Vd (else K, V and strides)."""
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)  # (b, h) offsets can pass 2**31; within a head they cannot
     b = bh // H
@@ -260,17 +279,20 @@ def _attention_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
     lo, mid_lo, mid_hi, hi = _key_range(m0, Tq, Tk, window, CAUSAL, HAS_WINDOW, HAS_DOCS, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _attention_fwd_tiles(
-        acc, l_i, m_i, q, K, V, Docs, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, qdoc,
+        acc, l_i, m_i, q, K, V, Kd, Vd, b.to(tl.int32), (h // GROUP).to(tl.int32), Docs, stride_kn, stride_kd, stride_vn, stride_vd, offs_m,
+        offs_d, qdoc,
         lo, mid_lo, Tq, Tk, qk_scale, cap, window,
-        True, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, BLOCK_N)
+        True, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, TMA, BLOCK_N)
     acc, l_i, m_i = _attention_fwd_tiles(
-        acc, l_i, m_i, q, K, V, Docs, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, qdoc,
+        acc, l_i, m_i, q, K, V, Kd, Vd, b.to(tl.int32), (h // GROUP).to(tl.int32), Docs, stride_kn, stride_kd, stride_vn, stride_vd, offs_m,
+        offs_d, qdoc,
         mid_lo, mid_hi, Tq, Tk, qk_scale, cap, window,
-        False, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, BLOCK_N)
+        False, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, TMA, BLOCK_N)
     acc, l_i, m_i = _attention_fwd_tiles(
-        acc, l_i, m_i, q, K, V, Docs, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, qdoc,
+        acc, l_i, m_i, q, K, V, Kd, Vd, b.to(tl.int32), (h // GROUP).to(tl.int32), Docs, stride_kn, stride_kd, stride_vn, stride_vd, offs_m,
+        offs_d, qdoc,
         mid_hi, hi, Tq, Tk, qk_scale, cap, window,
-        True, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, BLOCK_N)
+        True, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, TMA, BLOCK_N)
 
     # The softmax statistics m (base 2) and 1/l are saved apart, not as one logsumexp
     # m + log2(l): rounding that sum to fp32 costs half an ulp of m, a relative error of up to
@@ -601,7 +623,8 @@ def cuda_configs(kind, head_d, dtype=torch.bfloat16, heavy=False):
 def _tuned(kernel, kind, head_d, dtype, bucket_q, bucket_k, heavy):
     """An autotuner over cuda_configs for one kernel, head dim, dtype, pair of length buckets and
     feature weight."""
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s,
+                             pre_hook=_set_kv_blocks if kind == "fwd" else None)
                for bm, bn, w, s in cuda_configs(kind, head_d, dtype, heavy)]
     return triton.autotune(configs, key=["CAUSAL", "HAS_WINDOW", "SOFTCAP", "HAS_DOCS"])(kernel)
 
@@ -611,6 +634,8 @@ def _launch(kernel, kind, grid, args, constexprs, Tq, Tk, heavy=False):
     args[0] is q (its dtype picks the config list)."""
     if interpreting():
         bm, bn, warps, stages = INTERPRET_CONFIG[kind]
+        if kind == "fwd":
+            _set_kv_blocks(dict(zip(kernel.arg_names, args), BLOCK_N=bn, HEAD_D=constexprs["HEAD_D"]))
         kernel[grid(bm, bn)](*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
         return
     tuned = _tuned(kernel, kind, constexprs["HEAD_D"], args[0].dtype, _bucket(Tq), _bucket(Tk), heavy)
@@ -668,10 +693,41 @@ def _attention_fwd(q, k, v, causal, sm_scale, window, softcap, doc_ids):
     stats = _empty_stats(q)
     q, sm_scale = _positive_scale(q, sm_scale)
     (docs, stride_docb, qk_scale, cap, win), constexprs = _options(q, causal, sm_scale, window, softcap, doc_ids)
-    args = (q, k, v, o, stats, docs, *_strides(q, k, v, o), stride_docb, H, H // H_kv, Tq, Tk, qk_scale, cap, win)
-    _launch(_attention_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(Tq, bm), B * H), args, constexprs, Tq, Tk,
-            heavy_features("fwd", softcap))
+    kd, vd = _kv_descriptors(k, v)
+    args = (q, k, v, o, stats, docs, kd, vd, *_strides(q, k, v, o), stride_docb, H, H // H_kv, Tq, Tk, qk_scale,
+            cap, win)
+    _launch(_attention_fwd_kernel, "fwd", lambda bm, bn: (triton.cdiv(Tq, bm), B * H), args,
+            dict(constexprs, TMA=kd is not None), Tq, Tk, heavy_features("fwd", softcap))
     return o, stats
+
+
+def _kv_descriptors(k, v):
+    """TMA tensor descriptors of the (B, H_kv, Tk, D) keys and values for the forward, or (None,
+    None) where the copy engine cannot take them: fp32/fp64 (their tiles run on CUDA cores), or a
+    layout whose base or outer strides are not multiples of 16 bytes (a sliced or expanded view).
+    The block shape is set at launch, once the tile config is known (_set_kv_blocks)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if k.dtype not in (torch.float16, torch.bfloat16) or not _has_tma(k.device):
+        return None, None
+    for t in (k, v):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s <= 0 or s * t.element_size() % 16 for s in t.stride()[:-1]):
+            return None, None
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, t.shape[-1]]) for t in (k, v))
+
+
+def _has_tma(device):
+    """Hopper or newer (compiled for an older GPU, descriptor loads become slower plain loads:
+    sm_80's forward would take 254 registers instead of 128), or the interpreter, so that the CPU
+    tests run this path."""
+    return interpreting() or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def _set_kv_blocks(nargs):
+    """Autotuning pre-hook (and the interpreter's launch): the descriptors' block is one key tile."""
+    for name in ("Kd", "Vd"):
+        if nargs.get(name) is not None:
+            nargs[name].block_shape = [1, 1, nargs["BLOCK_N"], nargs["HEAD_D"]]
 
 
 def _empty_stats(q):

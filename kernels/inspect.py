@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 ARCHS = {"sm_90": 90, "sm_80": 80}
@@ -188,6 +188,9 @@ def _attention_launch(at, kind, D, dtype, pointers, strided, features):
                       HEAD_D=D, UPCAST=False, PREC="tf32", ACC=_tl().float32, BLOCK_M=bm, BLOCK_N=bn)
     if kind == "dkdv":
         constexprs["EVEN_M"] = True
+    if kind == "fwd":  # keys and values through TMA, as the launcher passes bf16 (B, H, T, D) views
+        args["Kd"] = args["Vd"] = f"tensordesc<{dtype}[1,1,{bn},{D}]>"
+        constexprs["TMA"] = True
     return Launch(args=args, constexprs=constexprs, num_warps=warps, num_stages=stages)
 
 
@@ -569,6 +572,9 @@ def inspect_one(kernel, config, arch):
     module = _module(kernel.module)
     fn = getattr(module, kernel.name)
     launch = kernel.launch(module, **config.params)
+    if launch.constexprs.get("TMA") and ARCHS[arch] < 90:  # as the launcher: TMA on Hopper only
+        launch = replace(launch, args=dict(launch.args, Kd=None, Vd=None),
+                                     constexprs=dict(launch.constexprs, TMA=False))
     signature, constexprs, attrs = specialize(fn, launch)
     options = {"num_warps": launch.num_warps}
     if launch.num_stages is not None:

@@ -429,3 +429,21 @@ def test_bad_features_raise_before_launch(case, device, monkeypatch):
     kw.update(change)
     with pytest.raises((TypeError, ValueError), match=name):
         flash_attention(**kw)
+
+
+@pytest.mark.skipif(ON_CUDA and torch.cuda.get_device_capability()[0] < 9, reason="TMA needs Hopper")
+def test_keys_and_values_go_through_tma_where_the_layout_allows():
+    """The forward reads k and v through tensor descriptors (TMA on Hopper; the interpreter runs
+    the same path) for fp16/bf16 views whose outer strides are multiples of 16 bytes, the
+    model's (B, T, H, D) memory included, and falls back to pointers for the rest."""
+    device = "cuda" if ON_CUDA else "cpu"
+    base = torch.randn(2, 40, 4, 32, dtype=torch.bfloat16, device=device)  # (B, T, H, D), as the model's
+    k = base.transpose(1, 2)
+    kd, vd = at_module._kv_descriptors(k, k)
+    assert kd is not None and list(kd.shape) == [2, 4, 40, 32] and list(kd.strides) == list(k.stride())
+    assert at_module._kv_descriptors(k.float(), k.float()) == (None, None)  # fp32 tiles: CUDA cores
+    odd = torch.randn(2, 4, 40, 33, dtype=torch.bfloat16, device=device)[..., :32]  # rows 66 bytes apart
+    assert at_module._kv_descriptors(odd, odd) == (None, None)
+    assert at_module._kv_descriptors(k[:, :, ::2], k[:, :, ::2]) != (None, None)  # 128-byte row stride
+    expanded = k[:1].expand(2, -1, -1, -1)  # a stride-0 batch
+    assert at_module._kv_descriptors(expanded, expanded) == (None, None)

@@ -60,6 +60,16 @@ def test_no_spills_on_the_hot_path(report):
     assert any(r["hot_path"] for r in report)
 
 
+def test_attention_forward_reads_keys_and_values_through_tma_on_hopper(report):
+    """sm_90: bulk tensor copies in every attention forward specialisation; sm_80: none (the
+    launcher reads through pointers there)."""
+    fwd = [r for r in report if r["kernel"] == "_attention_fwd_kernel"]
+    assert fwd and all((r["tma"] > 0) == (r["arch"] == "sm_90") for r in fwd), \
+        [(r["config"], r["arch"], r["tma"]) for r in fwd]
+    hot = [r for r in fwd if r["hot_path"] and r["arch"] == "sm_90"]
+    assert hot and all(r["warps_per_sm"] >= 2 * r["num_warps"] for r in hot)  # two CTAs per SM
+
+
 def test_dot_kernels_use_wgmma_on_hopper(report):
     for r in report:
         if r["uses_mma"] and r["hot_path"] and r["arch"] == "sm_90":
