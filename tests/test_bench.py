@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TIMING, stub_timers
 
 from tritongpt.bench import __main__ as suite
 from tritongpt.bench import bench_cross_entropy as bce
@@ -17,7 +18,6 @@ from tritongpt.bench import bench_model as bm
 from tritongpt.bench import harness, readme_table, report
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING = {"ms": 1.0, "ms_p20": 0.9, "ms_p80": 1.1}
 META = {"gpu": "NVIDIA H100 80GB HBM3", "driver": "580.1", "torch": "2.11.0", "triton": "3.6.0",
         "cuda": "13.0", "commit": "0123456789abcdef", "date": "2026-11-21T10:00:00Z",
         "command": "python bench/bench_layer_norm.py"}
@@ -176,8 +176,7 @@ def test_bench_run_records_rows_and_skips_a_failing_optional_provider(monkeypatc
     """bench_layer_norm.run on CPU with the timers stubbed: rows for working providers, a skip
     reason for a failing optional one."""
     monkeypatch.setattr(bln, "ROWS", 4)
-    monkeypatch.setattr(harness, "time_ms", lambda fn, warmup, rep, grad_to_none: (fn(), dict(TIMING))[1])
-    monkeypatch.setattr(harness, "peak_memory_mb", lambda fn: (fn(), 1.0)[1])
+    stub_timers(monkeypatch)
 
     def broken(x, w, b, eps):
         raise RuntimeError("compiler exploded\nsecond line")
@@ -221,8 +220,7 @@ def test_bench_cross_entropy_run_on_cpu(monkeypatch, op):
     monkeypatch.setattr(bce, "V", 64)
     monkeypatch.setattr(bce, "C", 16)
     monkeypatch.setattr(bce, "DTYPE", torch.float32)
-    monkeypatch.setattr(harness, "time_ms", lambda fn, warmup, rep, grad_to_none: (fn(), dict(TIMING))[1])
-    monkeypatch.setattr(harness, "peak_memory_mb", lambda fn: (fn(), 1.0)[1])
+    stub_timers(monkeypatch)
     fns, skipped = bce.providers(op, no_compile=True)
     fns = {k: fns[k] for k in ("triton", "torch")}
     rows = bce.run(op, (5,), fns, skipped, warmup=1, rep=1, device="cpu")
@@ -682,8 +680,7 @@ def test_bench_mlp_run_on_cpu(monkeypatch):
 
     monkeypatch.setattr(bmlp, "ROWS", 5)
     monkeypatch.setattr(bmlp, "DTYPE", torch.float32)
-    monkeypatch.setattr(harness, "time_ms", lambda fn, warmup, rep, grad_to_none: (fn(), dict(TIMING))[1])
-    monkeypatch.setattr(harness, "peak_memory_mb", lambda fn: (fn(), 1.0)[1])
+    stub_timers(monkeypatch)
     from tritongpt.kernels import mlp
 
     backends = []  # the plain-GEMM backend in force at each plain GEMM, forward or backward

@@ -9,13 +9,13 @@ import warnings
 
 import pytest
 import torch
+from helpers import stub_timers
 
 from tritongpt.kernels import reference
 
 from tritongpt.bench import bench_attention as ba
 from tritongpt.bench import harness
 
-TIMING = {"ms": 1.0, "ms_p20": 0.9, "ms_p80": 1.1}
 
 
 def test_attention_flop_counts():
@@ -50,8 +50,7 @@ def test_run_on_cpu_records_rows_and_skips(monkeypatch):
     monkeypatch.setattr(ba, "H", 2)
     monkeypatch.setattr(ba, "DTYPE", torch.float32)
     monkeypatch.setattr(ba, "MATH_MAX_T", 16)
-    monkeypatch.setattr(harness, "time_ms", lambda fn, warmup, rep, grad_to_none: (fn(), dict(TIMING))[1])
-    monkeypatch.setattr(harness, "peak_memory_mb", lambda fn: (fn(), 1.0)[1])
+    stub_timers(monkeypatch)
     fns, skipped = ba.providers()
     cpu_only = {name: "needs CUDA" for name in ba.CUDA_ONLY} if harness.device() == "cpu" else {}
     assert skipped == cpu_only  # not offered on CPU
@@ -174,8 +173,7 @@ def test_run_records_gqa_and_docs_rows(monkeypatch):
     monkeypatch.setattr(ba, "DOC_LEN", 8)
     monkeypatch.setattr(ba, "DTYPE", torch.float32)
     monkeypatch.setattr(ba, "MATH_MAX_T", 16)
-    monkeypatch.setattr(harness, "time_ms", lambda fn, warmup, rep, grad_to_none: (fn(), dict(TIMING))[1])
-    monkeypatch.setattr(harness, "peak_memory_mb", lambda fn: (fn(), 1.0)[1])
+    stub_timers(monkeypatch)
     fns = {f: {"triton": ba._triton, "torch": ba._pinned_sdpa("MATH")} for f in ("gqa", "docs")}
     skipped = {}
     rows = ba.run((("gqa", 16, 16), ("docs", 32, 16)), fns, skipped, warmup=1, rep=1, device="cpu")
