@@ -110,8 +110,16 @@ def assert_compiled_matches_eager(fn, inputs, rtol=1e-6, atol=1e-6):
 
 
 def leaf(t, requires_grad=True):
-    """A fresh leaf copy of t (None stays None), so every call under test starts its own graph."""
-    return None if t is None else t.detach().clone().requires_grad_(requires_grad)
+    """A fresh leaf copy of t (None stays None), so every call under test starts its own graph.
+    The copy keeps t's strides (a sliced or transposed input stays one; clone would make it dense);
+    only an expanded t (stride 0) becomes contiguous, since its copy cannot keep the overlap."""
+    if t is None:
+        return None
+    if any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)):
+        copy = t.detach().clone()
+    else:
+        copy = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t.detach())
+    return copy.requires_grad_(requires_grad)
 
 
 def spy(monkeypatch, name, fn=None, calls=None):

@@ -80,3 +80,15 @@ def test_fa2_baseline_is_attention(causal, Tq):
     for ours, sdpa, want in zip(run(fa2.flash_attention, torch.float32), run(reference.flash_attention, torch.float32),
                                 oracle):
         assert (ours - want).abs().max() <= 4 * (sdpa - want).abs().max() + 1e-6
+
+
+def test_leaf_keeps_the_layout_of_its_input():
+    """Tests hand kernels sliced and transposed inputs through leaf: a dense copy would hide them."""
+    from helpers import leaf
+
+    base = torch.randn(6, 10)
+    for view in (base[:, ::2], base.t(), base[1:, 2:7]):
+        copy = leaf(view)
+        assert copy.stride() == view.stride() and torch.equal(copy, view) and copy.is_leaf and copy.requires_grad
+    expanded = torch.randn(1, 4).expand(3, 4)
+    assert torch.equal(leaf(expanded), expanded) and leaf(expanded).is_contiguous()
