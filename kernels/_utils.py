@@ -28,6 +28,23 @@ def triton_runs_on(device):
     return device.type == "cpu" and interpreting()
 
 
+def has_tma(device):
+    """Whether kernels on `device` read tiles through TMA tensor descriptors: Hopper or newer
+    (compiled for an older GPU, descriptor loads become slower plain loads: sm_80's attention
+    forward would take 254 registers instead of 128), or the interpreter, so that the CPU tests
+    run the descriptor paths."""
+    device = torch.device(device)
+    return interpreting() or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def tma_layout_ok(t):
+    """Whether the copy engine can address t: fp16 or bf16 (wider tiles run on CUDA cores), unit
+    innermost stride, a 16-byte aligned base and positive outer strides that are multiples of 16
+    bytes (a sliced, expanded or odd-width view is not)."""
+    return (t.dtype in (torch.float16, torch.bfloat16) and t.numel() > 0 and t.stride(-1) == 1
+            and t.data_ptr() % 16 == 0 and all(s > 0 and s * t.element_size() % 16 == 0 for s in t.stride()[:-1]))
+
+
 def check_tensor(name, t, min_ndim=0, dtypes=FLOAT_DTYPES):
     """Raise TypeError/ValueError naming `name` unless t is a tensor of an allowed dtype and rank."""
     if not isinstance(t, torch.Tensor):

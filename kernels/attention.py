@@ -34,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype, acc_torch_dtype, check_device, check_tensor, integer, interpreting, real_number, tanh
+from ._utils import acc_dtype, acc_torch_dtype, check_device, check_tensor, has_tma, integer, interpreting, real_number, \
+    tanh, tma_layout_ok
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HEAD_DIMS = (16, 32, 64, 128)
@@ -703,24 +704,14 @@ def _attention_fwd(q, k, v, causal, sm_scale, window, softcap, doc_ids):
 
 def _kv_descriptors(k, v):
     """TMA tensor descriptors of the (B, H_kv, Tk, D) keys and values for the forward, or (None,
-    None) where the copy engine cannot take them: fp32/fp64 (their tiles run on CUDA cores), or a
-    layout whose base or outer strides are not multiples of 16 bytes (a sliced or expanded view).
-    The block shape is set at launch, once the tile config is known (_set_kv_blocks)."""
+    None) where the copy engine cannot take them (_utils.has_tma and tma_layout_ok: fp32/fp64, a
+    sliced or expanded view, a GPU before Hopper). The block shape is set at launch, once the
+    tile config is known (_set_kv_blocks)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    if k.dtype not in (torch.float16, torch.bfloat16) or not _has_tma(k.device):
+    if not has_tma(k.device) or not (tma_layout_ok(k) and tma_layout_ok(v)):
         return None, None
-    for t in (k, v):
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s <= 0 or s * t.element_size() % 16 for s in t.stride()[:-1]):
-            return None, None
     return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, t.shape[-1]]) for t in (k, v))
-
-
-def _has_tma(device):
-    """Hopper or newer (compiled for an older GPU, descriptor loads become slower plain loads:
-    sm_80's forward would take 254 registers instead of 128), or the interpreter, so that the CPU
-    tests run this path."""
-    return interpreting() or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def _set_kv_blocks(nargs):

@@ -1,10 +1,11 @@
 """What the compiler made of each kernel: `python -m tritongpt.kernels.inspect [--arch sm_90|sm_80|all] [--json]`.
 
-Compiles every Triton kernel of the project ahead of time for H100 (sm_90) and A100 (sm_80), with
-no GPU and without running anything, at the block sizes and warp counts the launchers' own
-heuristics pick (GPT-2 widths plus the limits), and reads the cubin back with the cuobjdump shipped
-in the Triton wheel: registers per thread, spill (local memory) and stack bytes, shared memory, the
-tensor-core instructions in the SASS (HGMMA on sm_90, HMMA on sm_80).
+Compiles every Triton kernel of the project ahead of time for H100 (sm_90) and A100 (sm_80) (a
+kernel the launchers run on Hopper only, for sm_90 alone), with no GPU and without running
+anything, at the block sizes and warp counts the launchers' own heuristics pick (GPT-2 widths plus
+the limits), and reads the cubin back with the cuobjdump shipped in the Triton wheel: registers per
+thread, spill (local memory) and stack bytes, shared memory, the tensor-core instructions in the
+SASS (HGMMA on sm_90, HMMA on sm_80).
 
 Shared memory is reported as the per-block total: Triton's dynamic shared memory
 (`CompiledKernel.metadata.shared`) plus the static shared memory the cubin declares (cuobjdump's
@@ -68,6 +69,7 @@ class Kernel:
     launch: Callable  # (module, **config.params) -> Launch
     configs: tuple
     uses_mma: bool = False  # a tl.dot kernel: must show HGMMA on sm_90 at hot-path configs
+    archs: tuple = tuple(ARCHS)  # where the launchers run it (the TMA-only kernels: sm_90)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,6 +288,30 @@ def _mlp_bwd(mlp, C, tune, dtype):
         num_warps=config["num_warps"], num_stages=_mlp_stages(mlp, config, dtype))
 
 
+def _mlp_tma(mlp, kind, C, tune, dtype):
+    """_mlp_epilogue_tma_kernel at GPT-2's shapes: fc (+ bias, GELU, both outputs stored) reads W1
+    as nn.Linear keeps it, (N, K); the backward reads W2 as (K, N) and h through pointers."""
+    config = mlp.tma_configs()[tune]
+    M, N, K = _mlp_shapes(kind, C)
+    bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    bwd = kind == "bwd"
+    tile = f"tensordesc<{dtype}[{bm},{bn}]>"
+    args = dict(Ad=f"tensordesc<{dtype}[{bm},{bk}]>",
+                Bd=f"tensordesc<{dtype}[{bk},{bn}]>" if bwd else f"tensordesc<{dtype}[{bn},{bk}]>",
+                Bias=None if bwd else "*" + dtype, Pre="*" + dtype if bwd else None, Pd=None if bwd else tile,
+                Od=tile, DBp="*fp32" if bwd else None, M=M, N=N, K=K, M_KEY=M, stride_bias=0 if bwd else 1,
+                stride_pm=N if bwd else 0, stride_pn=1 if bwd else 0)
+    constexprs = dict(BACKWARD=bwd, B_KN=bwd, HAS_BIAS=not bwd, STORE_PRE=not bwd, NEED_DB=bwd, APPROX_TANH=True,
+                      PROGRAMS_PER_SM=config["PROGRAMS_PER_SM"], **_mlp_constexprs(mlp, config, dtype))
+    return Launch(args=args, constexprs=constexprs, num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+
+def _mlp_tma_configs():
+    n = len(_module("mlp").tma_configs())
+    return tuple(Config(f"{kind} C=768 tune{i} bf16", {"kind": kind, "C": 768, "tune": i, "dtype": "bf16"}, True)
+                 for kind in ("fc", "bwd") for i in range(n))
+
+
 def _mlp_configs(kinds):
     """Every autotune config of kernels.mlp (the GPU's lists) for each use, at GPT-2 124M's shapes.
     fc and bwd have a GELU epilogue and their own list."""
@@ -322,6 +348,7 @@ def kernel_table():
         Kernel("attention", "_attention_bwd_dq_kernel", _attention_bwd_dq, attn_feature_configs, uses_mma=True),
         Kernel("mlp", "_mlp_fwd_kernel", _mlp_fwd, _mlp_configs(("fc", "proj", "dw")), uses_mma=True),
         Kernel("mlp", "_mlp_bwd_kernel", _mlp_bwd, _mlp_configs(("bwd",)), uses_mma=True),
+        Kernel("mlp", "_mlp_epilogue_tma_kernel", _mlp_tma, _mlp_tma_configs(), uses_mma=True, archs=("sm_90",)),
     ]
 
 
@@ -514,6 +541,17 @@ def innermost_loops(instructions):
     return [(a, b) for a, b in loops if not any((a, b) != (c, d) and a <= c and d <= b for c, d in loops)]
 
 
+def loads_after_drain(instructions):
+    """Global loads after the first wait that drains every wgmma (WARPGROUP.DEPBAR.LE gsb0, 0x0):
+    in a GEMM, data its epilogue fetches only once the accumulation is done, so their DRAM latency
+    is exposed. None where nothing drains wgmmas (sm_80, kernels without dots)."""
+    drain = next((i for i, (_, op, rest) in enumerate(instructions)
+                  if op == "WARPGROUP.DEPBAR.LE" and rest.replace(" ", "") == "gsb0,0x0"), None)
+    if drain is None:
+        return None
+    return sum(op.split(".")[0] == "LDG" for _, op, _ in instructions[drain:])
+
+
 def sass_facts(sass):
     """What the SASS says about speed: per innermost loop its instructions and global loads, the
     global accesses by width (static counts), and the TMA (bulk tensor copy) instructions."""
@@ -531,7 +569,8 @@ def sass_facts(sass):
                 loop_loads=[sum(op.split(".")[0] in ("LDG", "LDGSTS") for op in body) for body in inside],
                 global_widths={str(w): n for w, n in sorted(widths.items(), reverse=True)},
                 g128_share=round(widths.get(128, 0) / total, 3) if total else None,
-                tma=sum(op.startswith(("UTMA", "UBLKCP")) for _, op, _ in instructions))
+                tma=sum(op.startswith(("UTMA", "UBLKCP")) for _, op, _ in instructions),
+                late_loads=loads_after_drain(instructions))
 
 
 def resident_warps(arch, regs, num_warps, triton_shared):
@@ -590,11 +629,12 @@ def inspect_one(kernel, config, arch):
                 triton_shared_bytes=triton_shared, static_shared_bytes=usage["static_shared_bytes"],
                 shared_limit_bytes=SHARED_LIMIT[arch], mma=usage["mma"], uses_mma=kernel.uses_mma,
                 warps_per_sm=resident_warps(arch, usage["regs"], compiled.metadata.num_warps, triton_shared),
-                **{k: usage[k] for k in ("loop_insts", "loop_loads", "global_widths", "g128_share", "tma")})
+                **{k: usage[k] for k in ("loop_insts", "loop_loads", "global_widths", "g128_share", "tma",
+                                         "late_loads")})
 
 
 def inspect_all(archs):
-    return [inspect_one(k, c, a) for k in kernel_table() for c in k.configs for a in archs]
+    return [inspect_one(k, c, a) for k in kernel_table() for c in k.configs for a in archs if a in k.archs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,7 +644,7 @@ _COLUMNS = (("kernel", "kernel"), ("config", "config"), ("arch", "arch"), ("hot"
             ("warps", "num_warps"), ("regs", "regs"), ("spill", "spill_bytes"),
             ("stack", "stack_bytes"), ("shared", "shared_bytes"), ("warps/SM", "warps_per_sm"),
             ("loop insts", "loop_insts"), ("loop loads", "loop_loads"), ("128-bit", "g128_share"),
-            ("tma", "tma"), ("mma", "mma"))
+            ("tma", "tma"), ("late loads", "late_loads"), ("mma", "mma"))
 _OP_COLUMNS = (("op (GPT-2 124M, bf16)", "op"), ("launches", "launches"), ("MB", "bytes"), ("min MB", "min_bytes"),
                ("x min", "bytes_ratio"), ("GFLOP", "flops"), ("min GFLOP", "min_flops"), ("x min", "flops_ratio"))
 
@@ -639,7 +679,8 @@ def format_table(rows, ops):
                  + ", ".join(f"{a} {b}" for a, b in SHARED_LIMIT.items()) + "); hot: on the GPT-2 path; "
                  "warps/SM: resident warps per SM (registers, warps, shared); loop insts, loop loads: SASS "
                  "instructions and global loads in each innermost loop; 128-bit: share of the global "
-                 "loads and stores that move 128 bits; tma: bulk tensor copy instructions. "
+                 "loads and stores that move 128 bits; tma: bulk tensor copy instructions; late loads: global "
+                 "loads after the first wait that drains every wgmma (their latency follows the accumulation). "
                  "Compile-time facts, not speed.")
     lines.append("")
     lines += _text_table(_OP_COLUMNS, ops)

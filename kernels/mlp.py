@@ -17,6 +17,15 @@ steps, programs in grouped order (GROUP_M row tiles share a column band, for L2 
 autotune list for H100 (a single small config in the interpreter). Operands are read through
 strides, so transposed weights and non-contiguous x need no copies.
 
+The two epilogue GEMMs in Hopper form (_mlp_epilogue_tma_kernel): on sm_90 and newer (and in the
+interpreter, so the CPU tests run it), fp16/bf16 operands the copy engine can address (unit inner
+stride, 16-byte aligned rows; either orientation of the weight) and a hidden size that is a
+multiple of 8 go through a persistent kernel: one or two programs per SM walk the tiles, A and B
+tiles arrive by TMA (zero-filled past the edges, so no masks), the outputs leave by TMA stores that
+drain while the next tile starts, and h (backward) and the bias (fc) are read before the K loop,
+so their latency hides behind the MMAs. Everything else (fp32/fp64, sliced or odd-width layouts,
+GPUs before Hopper) takes the pointer kernels below.
+
 Saved for backward: the pre-activation h and the activation g (both M x H in x's dtype), as
 PyTorch eager saves them. Why save h rather than recompute it (decided by reasoning, GPU
 measurement owed): at GPT-2 124M (M = 16384, C = 768, H = 3072, bf16) storing h costs one extra
@@ -42,8 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype, acc_torch_dtype, check_device, check_tensor, interpreting, needs_grad, \
-    num_programs_for, or_empty
+from ._utils import acc_dtype, acc_torch_dtype, check_device, check_tensor, has_tma, interpreting, needs_grad, \
+    num_programs_for, or_empty, tma_layout_ok
 
 APPROXIMATIONS = ("tanh", "none")
 # Split K only when each split gets at least this many rows, and at most MAX_SPLIT ways.
@@ -70,12 +79,34 @@ def gpu_configs(epilogue=False):
             dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
             dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
         ]
+    # The plain list (PLAIN_GEMM = "triton"): the 128 x 256 Hopper tile, which needs a whole SM, and
+    # tiles that fit two programs per SM on sm_90 (128 x 128 at 8 warps: 3 stages, not 4, for that).
+    # 128 x 128 at 4 warps is gone: 208 registers left 4 warps resident per SM.
     return [
         dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
     ]
+
+
+def tma_configs():
+    """The autotune list of the persistent TMA kernel (fc + GELU and dh, on Hopper), as dicts.
+    PROGRAMS_PER_SM: how many of its programs one SM holds (registers and shared memory, checked by
+    kernels.inspect's test), which sizes the persistent grid. 128 x 128 at 8 warps is the Hopper
+    GEMM tile (two consumer warpgroups of 64 rows); 64 x 128 at 4 warps fits two programs per SM,
+    so one program's GELU epilogue runs while the other's MMAs do."""
+    return [
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, PROGRAMS_PER_SM=1),
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3, PROGRAMS_PER_SM=2),
+    ]
+
+
+def tma_autotune_configs():
+    """tma_configs, or one small config in the interpreter (small enough that the tests' shapes
+    span several tiles per program)."""
+    if interpreting():
+        return [dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1, PROGRAMS_PER_SM=1)]
+    return tma_configs()
 
 
 def autotune_configs(epilogue=False):
@@ -131,17 +162,23 @@ def _gelu_grad(h, APPROX_TANH: tl.constexpr):
 # ---------------------------------------------------------------- the matmul main loop
 
 @triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) in grouped order: GROUP_M row tiles walk one column band together."""
-    pid = tl.program_id(0)
+def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of tile number `tile` in grouped order: GROUP_M row tiles walk one column
+    band together, so the band's B tiles are read from L2 rather than DRAM."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
+    first_m = (tile // per_group) * GROUP_M
     group_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
+    pid_m = first_m + (tile % per_group) % group_m
+    pid_n = (tile % per_group) // group_m
     return pid_m, pid_n
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program's tile (one tile a program)."""
+    return _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
 
 @triton.jit
@@ -237,6 +274,77 @@ def _mlp_bwd_kernel(
         tl.store(DBp + pid_m * N + cols, db.to(DBp.dtype.element_ty), mask=cols < N)
 
 
+# ---------------------------------------------------------------- the Hopper form of the two epilogue GEMMs
+
+@triton.jit
+def _tma_dot_tile(Ad, Bd, off_m, off_n, K, B_KN: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc = A[off_m:, :] @ B[:, off_n:] over all of K, both tiles through TMA: Ad is an (M, K)
+    descriptor; Bd a (K, N) one (B_KN: W2 for the backward) or an (N, K) one (B = W1^T for fc). The copy engine fills
+    rows and columns past the tensors' ends with zeros, so edge tiles need no masks."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k in range(0, K, BLOCK_K):
+        a = Ad.load([off_m, k])
+        if B_KN:
+            b = Bd.load([k, off_n])
+        else:
+            b = tl.trans(Bd.load([off_n, k]))
+        if UPCAST:  # the interpreter's tl.dot is wrong on bf16: compute in fp32 there
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+    return acc
+
+
+# fc (BACKWARD false): Od gets gelu(A B + bias) and Pd the pre-activation A B + bias (when STORE_PRE),
+# B = W1^T. Backward: Od gets dh = (A B) * gelu'(h), A = dy, B = W2, h read from Pre; DBp db1's
+# per-row-tile fp32 partials (as _mlp_bwd_kernel). Od, Pd: (M, N) descriptors, written by TMA stores
+# that drain while the program goes on. Persistent: program p computes tiles p, p + P, p + 2P, ...
+# (P programs: PROGRAMS_PER_SM on each SM, as many as fit). h and the bias are read before the
+# tile's K loop, so their DRAM latency hides behind the MMAs instead of following the last
+# accumulation wait; h through pointers, since a descriptor load waits for its data where it is
+# issued. Triton's automatic warp specialisation (tl.range(warp_specialize=True)) compiles to the
+# same cubin as without it on sm_90 in Triton 3.6 and 3.9, and flattening the two loops (flatten=True)
+# multiplies the loop's code (1577 instructions for fc, with a stack frame for the backward), so
+# neither is used.
+@triton.jit
+def _mlp_epilogue_tma_kernel(
+    Ad, Bd, Bias, Pre, Pd, Od, DBp,
+    M, N, K, M_KEY, stride_bias, stride_pm, stride_pn,
+    BACKWARD: tl.constexpr, B_KN: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr,
+    NEED_DB: tl.constexpr, APPROX_TANH: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, EPI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
+):
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        cols = off_n + tl.arange(0, BLOCK_N)
+        if BACKWARD:
+            rows = tl.arange(0, BLOCK_M)
+            mask = (off_m + rows < M)[:, None] & (cols < N)[None, :]
+            h = tl.load(Pre + off_m.to(tl.int64) * stride_pm + rows[:, None] * stride_pm + cols[None, :] * stride_pn,
+                        mask=mask, other=0.0)
+        elif HAS_BIAS:
+            bias = tl.load(Bias + cols * stride_bias, mask=cols < N, other=0.0)
+        acc = _tma_dot_tile(Ad, Bd, off_m, off_n, K, B_KN, ACC, DOT_PRECISION, UPCAST,
+                            BLOCK_M, BLOCK_N, BLOCK_K).to(EPI)
+        if BACKWARD:
+            # rows past M hold dh = 0 (zero-filled A, h = 0), so the column sums need no mask
+            dh = acc * _gelu_grad(h.to(EPI), APPROX_TANH)
+            Od.store([off_m, off_n], dh.to(Od.dtype))
+            if NEED_DB:
+                tl.store(DBp + pid_m * N + cols, tl.sum(dh, axis=0).to(DBp.dtype.element_ty), mask=cols < N)
+        else:
+            if HAS_BIAS:
+                acc += bias.to(EPI)[None, :]
+            if STORE_PRE:
+                Pd.store([off_m, off_n], acc.to(Pd.dtype))
+            Od.store([off_m, off_n], _gelu(acc, APPROX_TANH).to(Od.dtype))
+
+
 # Two autotuners over one kernel: the plain matmuls (proj, dx, weight gradients) and fc with its GELU.
 # The tuning key includes the tensors' dtypes (Triton adds them), so each dtype is pruned and tuned.
 _PRUNE = {"early_config_prune": _fit_shared_memory}
@@ -252,6 +360,25 @@ _mlp_fwd_gelu_tuned = triton.autotune(_EPILOGUE_CONFIGS, key=["M_KEY", "N", "K_K
 # wrote and the chosen one does not would otherwise enter the sum
 _mlp_bwd_tuned = triton.autotune(_EPILOGUE_CONFIGS, key=["M_KEY", "N", "K", "NEED_DB"], reset_to_zero=["DBp"],
                                  prune_configs_by=_PRUNE)(_mlp_bwd_kernel)
+
+
+def _set_tma_blocks(nargs):
+    """Autotuning pre-hook: each descriptor's block is the config's tile of its tensor."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["Ad"].block_shape = [bm, bk]
+    nargs["Bd"].block_shape = [bk, bn] if nargs["B_KN"] else [bn, bk]
+    for name in ("Pd", "Od"):
+        if nargs[name] is not None:
+            nargs[name].block_shape = [bm, bn]
+
+
+_TMA_CONFIGS = [triton.Config({k: c[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "PROGRAMS_PER_SM")},
+                              num_warps=c["num_warps"], num_stages=c["num_stages"], pre_hook=_set_tma_blocks)
+                for c in tma_autotune_configs()]
+_mlp_fc_tma_tuned = triton.autotune(_TMA_CONFIGS, key=["M_KEY", "N", "K", "STORE_PRE", "B_KN"])(
+    _mlp_epilogue_tma_kernel)
+_mlp_bwd_tma_tuned = triton.autotune(_TMA_CONFIGS, key=["M_KEY", "N", "K", "NEED_DB", "B_KN"],
+                                     reset_to_zero=["DBp"])(_mlp_epilogue_tma_kernel)
 
 
 # ---------------------------------------------------------------- launchers
@@ -304,6 +431,9 @@ def _matmul(a, b, bias=None, gelu=None, store_pre=False, split_ok=False):
         if store_pre:
             pre.copy_(out)
         return (_torch_gelu(out, gelu), pre) if gelu else out
+    tma = _tma_operands(a, b) if gelu is not None else None
+    if tma is not None:
+        return _fc_gelu_tma(a, bias, gelu, store_pre, *tma)
     splits, per_split = _split_k(M, N, K, a.device) if split_ok else (1, K)
     out_dtype = acc_torch_dtype(a.dtype) if splits > 1 else a.dtype
     out = torch.empty((splits, M, N), dtype=out_dtype, device=a.device)
@@ -318,6 +448,47 @@ def _matmul(a, b, bias=None, gelu=None, store_pre=False, split_ok=False):
     )
     out = out[0] if splits == 1 else out.sum(0).to(a.dtype)
     return (out, pre) if gelu else out
+
+
+def _descriptor(t):
+    """A TMA descriptor over the 2-D tensor t; its block is set per config (_set_tma_blocks)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 16])
+
+
+def _tma_operands(a, b):
+    """(Ad, Bd, b_kn): descriptors over a (M, K) and b (K, N) for _mlp_epilogue_tma_kernel, b read
+    as it lies (b_kn) or as the (N, K) matrix b^T (an nn.Linear weight); None where that kernel
+    cannot run: no TMA on the device, a layout the copy engine cannot address (_utils.tma_layout_ok),
+    or an output row (N elements) that is not a multiple of 16 bytes."""
+    if not (has_tma(a.device) and tma_layout_ok(a)) or b.shape[1] * b.element_size() % 16:
+        return None
+    for b_kn, t in ((True, b), (False, b.t())):
+        if tma_layout_ok(t):
+            return _descriptor(a), _descriptor(t), b_kn
+    return None
+
+
+def _tma_grid(M, N, device):
+    """The persistent grid: PROGRAMS_PER_SM programs on every SM, at most one a tile."""
+    programs = num_programs_for(device)
+    return lambda meta: (min(triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),
+                             programs * meta["PROGRAMS_PER_SM"]),)
+
+
+def _fc_gelu_tma(a, bias, gelu, store_pre, ad, bd, b_kn):
+    """_matmul's fc + GELU by the persistent TMA kernel: (gelu(a b + bias), a b + bias or None)."""
+    M, K = a.shape
+    N = bd.shape[1] if b_kn else bd.shape[0]
+    act = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    pre = torch.empty((M, N), dtype=a.dtype, device=a.device) if store_pre else None
+    _mlp_fc_tma_tuned[_tma_grid(M, N, a.device)](
+        ad, bd, bias, None, None if pre is None else _descriptor(pre), _descriptor(act), None,
+        M, N, K, rows_key(M), 0 if bias is None else bias.stride(0), 0, 0,
+        BACKWARD=False, B_KN=b_kn, HAS_BIAS=bias is not None, STORE_PRE=store_pre, NEED_DB=False,
+        APPROX_TANH=gelu == "tanh", **_dot_options(a.dtype, a.device),
+    )
+    return act, pre
 
 
 def _plain_matmul(a, b, bias=None, weight_grad=False):
@@ -340,7 +511,8 @@ def _gelu_grad_matmul(dy, w2, pre, approximate, need_db):
     M, K = dy.shape
     N = w2.shape[1]
     dpre = torch.empty((M, N), dtype=pre.dtype, device=pre.device)
-    max_tiles_m = triton.cdiv(M, min(c["BLOCK_M"] for c in autotune_configs(epilogue=True) + [_FALLBACK]))
+    max_tiles_m = triton.cdiv(M, min(c["BLOCK_M"] for c in autotune_configs(epilogue=True) + tma_autotune_configs()
+                                     + [_FALLBACK]))
     # zeros: autotuned configs with larger BLOCK_M fill fewer rows; the rest must add nothing
     db_part = torch.zeros((max_tiles_m, N), dtype=acc_torch_dtype(pre.dtype), device=pre.device) \
         if need_db else None
@@ -351,6 +523,16 @@ def _gelu_grad_matmul(dy, w2, pre, approximate, need_db):
         return dpre, db_part
     # a real tensor even when db1 is not wanted: Triton 3.6's reset_to_zero calls .zero_() on it
     db_arg = db_part if need_db else torch.zeros(1, dtype=acc_torch_dtype(pre.dtype), device=pre.device)
+    tma = _tma_operands(dy, w2)
+    if tma is not None:
+        ad, bd, b_kn = tma
+        _mlp_bwd_tma_tuned[_tma_grid(M, N, dy.device)](
+            ad, bd, None, pre, None, _descriptor(dpre), db_arg,
+            M, N, K, rows_key(M), 0, pre.stride(0), pre.stride(1),
+            BACKWARD=True, B_KN=b_kn, HAS_BIAS=False, STORE_PRE=False, NEED_DB=need_db,
+            APPROX_TANH=approximate == "tanh", **_dot_options(dy.dtype, dy.device),
+        )
+        return dpre, db_part
     _mlp_bwd_tuned[_grid(M, N)](
         dy, w2, pre, dpre, db_arg,
         M, N, K, rows_key(M),

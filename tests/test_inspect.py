@@ -36,7 +36,7 @@ def test_every_kernel_compiles_for_both_archs(report):
     from tritongpt.kernels.inspect import ARCHS, kernel_table
 
     got = {(r["kernel"], r["config"], r["arch"]) for r in report}
-    want = {(k.name, c.name, a) for k in kernel_table() for c in k.configs for a in ARCHS}
+    want = {(k.name, c.name, a) for k in kernel_table() for c in k.configs for a in ARCHS if a in k.archs}
     assert got == want
     for r in report:
         assert set(r) >= {"kernel", "config", "arch", "regs", "spill_bytes", "shared_bytes", "mma", "num_warps"}
@@ -70,6 +70,21 @@ def test_attention_forward_reads_keys_and_values_through_tma_on_hopper(report):
     assert hot and all(r["warps_per_sm"] >= 2 * r["num_warps"] for r in hot)  # two CTAs per SM
 
 
+def test_mlp_epilogue_gemms_in_hopper_form(report):
+    """Issue 16: the fc + GELU and dh GEMMs on sm_90 (their TMA kernel is compiled for sm_90 only,
+    where the launchers run it) load through TMA, fetch nothing after the last accumulation wait
+    (h and the bias are read before the K loop), and hold as many programs per SM as the
+    persistent grid launches (PROGRAMS_PER_SM)."""
+    from tritongpt.kernels.mlp import tma_configs
+
+    rows = [r for r in report if r["kernel"] == "_mlp_epilogue_tma_kernel"]
+    assert {r["arch"] for r in rows} == {"sm_90"} and {r["config"].split()[0] for r in rows} == {"fc", "bwd"}
+    for r in rows:
+        config = tma_configs()[int(r["config"].split("tune")[1].split()[0])]
+        assert r["tma"] > 0 and r["late_loads"] == 0, r
+        assert r["warps_per_sm"] == config["PROGRAMS_PER_SM"] * r["num_warps"], r
+
+
 def test_dot_kernels_use_wgmma_on_hopper(report):
     for r in report:
         if r["uses_mma"] and r["hot_path"] and r["arch"] == "sm_90":
@@ -94,7 +109,8 @@ def test_speed_columns_are_filled(report):
 
 
 # A hand-written SASS listing: a kernel with a loop nested in another, a second innermost loop,
-# a 16-bit load, 128-bit load and store, a TMA load, and the trailing self-branch every kernel has.
+# a 16-bit load, 128-bit load and store, a wgmma drain, a TMA load, and the trailing self-branch
+# every kernel has.
 SASS = """
         /*0000*/                   S2R R0, SR_TID.X ;
         /*0010*/              @!P0 LDG.E.U16 R2, desc[UR4][R4.64] ;
@@ -102,7 +118,8 @@ SASS = """
         /*0030*/                   LDG.E.128 R8, desc[UR4][R6.64] ;
         /*0040*/                   FADD R3, R3, R8 ;
         /*0050*/               @P1 BRA 0x30 ;
-        /*0060*/                   UTMALDG.2D [UR8], [UR4] ;
+        /*0060*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0068*/                   UTMALDG.2D [UR8], [UR4] ;
         /*0070*/              @!PT BRA 0x20 ;
         /*0080*/                   LDG.E R2, desc[UR4][R4.64] ;
         /*0090*/                   STG.E.128 desc[UR4][R6.64], R8 ;
@@ -122,6 +139,8 @@ def test_sass_facts_reads_loops_widths_and_tma():
     assert facts["global_widths"] == {"128": 2, "32": 1, "16": 1}
     assert facts["g128_share"] == 0.5
     assert facts["tma"] == 1
+    assert facts["late_loads"] == 1  # the LDG at 0x80, after the wgmma drain
+    assert sass_facts(SASS.replace("gsb0, 0x0", "gsb0, 0x1"))["late_loads"] is None  # no full drain
 
 
 def test_resident_warps_follow_the_occupancy_rules():

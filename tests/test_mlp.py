@@ -152,6 +152,38 @@ def test_split_k_weight_gradients(device, monkeypatch):
 
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case, tma_expected", [
+    ("contiguous", (True, True)),
+    ("transposed_weights", (True, True)),  # W1 read as (K, N), W2 as (N, K): the other B orientation
+    ("odd_hidden", (False, False)),  # H = 100: a 200-byte row of h is no multiple of 16 bytes
+    ("strided_x", (False, True)),  # x's rows 82 bytes apart: fc reads it through pointers; dy is dense
+])
+def test_tma_kernel_and_its_fallbacks(case, tma_expected, dtype, device, monkeypatch):
+    """fc + GELU and dh run the persistent TMA kernel where the device has TMA (Hopper, and the
+    interpreter) and the copy engine can address every operand, the pointer kernel elsewhere; both
+    meet the rule. 70 rows x 136 hidden span 9 tiles of the interpreter's config for 4 programs,
+    with partial tiles along both edges, so each program walks several tiles."""
+    taken = []
+    real = mlp_module._tma_operands
+
+    def spy(a, b):
+        taken.append(real(a, b) is not None)
+        return None if not taken[-1] else real(a, b)
+
+    monkeypatch.setattr(mlp_module, "_tma_operands", spy)
+    H = 100 if case == "odd_hidden" else 136
+    inputs = _inputs((70,), 40, H, dtype, device)
+    if case == "transposed_weights":
+        inputs[1] = inputs[1].t().contiguous().t()
+        inputs[3] = inputs[3].t().contiguous().t()
+    if case == "strided_x":
+        inputs[0] = torch.cat([inputs[0], inputs[0][:, :1]], 1)[:, :40]
+    _check_against_reference(inputs, _dy(inputs))
+    on_hopper = device.type == "cpu" or torch.cuda.get_device_capability(device)[0] >= 9
+    assert taken == [on_hopper and t for t in tma_expected]
+
+
 @pytest.mark.parametrize("backend", ["cublas", "triton"])
 def test_plain_gemm_backends(backend, device, monkeypatch):
     """proj, dx, dW1 and dW2 through torch (cuBLAS) or the Triton matmul: both meet the rule, and
@@ -250,7 +282,8 @@ def test_torch_compile_fullgraph(device):
 @pytest.fixture
 def no_launch(monkeypatch):
     """Fails the test if any MLP kernel is launched."""
-    forbid_launches(monkeypatch, mlp_module, "_mlp_fwd_tuned", "_mlp_fwd_gelu_tuned", "_mlp_bwd_tuned")
+    forbid_launches(monkeypatch, mlp_module, "_mlp_fwd_tuned", "_mlp_fwd_gelu_tuned", "_mlp_bwd_tuned",
+                    "_mlp_fc_tma_tuned", "_mlp_bwd_tma_tuned")
 
 
 @pytest.mark.parametrize("case, error, words", [
