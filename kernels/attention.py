@@ -7,9 +7,10 @@ sees run unmasked; only the tiles that cross the causal diagonal or the end of t
 tiles past the diagonal are never visited. Per query row m (base 2) and 1/l are saved, in fp32.
 On Hopper (and in the interpreter) fp16/bf16 key and value tiles come through TMA when their
 layout allows it (_kv_descriptors); everything else reads them through pointers.
-Backward: delta = rowsum(dO * O) in a small kernel; then one kernel per key tile accumulates dK and
-dV over the query tiles that see it, and one kernel per query tile accumulates dQ over its key
-tiles, both recomputing the probabilities from those two statistics. Every gradient element is
+Backward, two launches: one kernel per query tile accumulates dQ over its key tiles and, from the
+dO and O rows it holds anyway, writes delta = rowsum(dO * O); then one kernel per key tile
+accumulates dK and dV over the query tiles that see it. Both recompute the probabilities from the
+two statistics. Every gradient element is
 written by exactly one program (no float atomics), so repeated backward passes are bitwise equal.
 
 Semantics (== F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=sm_scale) for Tq == Tk):
@@ -57,13 +58,14 @@ CUDA_CONFIGS = {
     ("dq", 128): [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
 }
 # The feature specialisations that carry more live state per tile (the softcap's tanh in the
-# forward; GQA's loop over the group, the softcap or document ids in dK/dV) pass 255 registers at
-# the plain D = 64 tiles and take a stack frame; these tiles compile with neither on sm_90 and
-# sm_80 (checked ahead of time, tests/test_inspect.py). Window-only and dQ specialisations fit the
-# plain lists.
+# forward; GQA's loop over the group, the softcap or document ids in dK/dV; document ids in dQ,
+# which also computes delta) pass 255 registers at the plain D = 64 tiles and take a stack frame on
+# sm_80 or sm_90; these tiles compile with neither (checked ahead of time, tests/test_inspect.py).
+# Window-only specialisations and the others in dQ fit the plain lists.
 FEATURE_CONFIGS = {
     ("fwd", 64): [(128, 32, 8, 3), (64, 64, 4, 3)],
     ("dkdv", 64): [(32, 128, 8, 3)],
+    ("dq", 64): [(128, 32, 8, 3)],
 }
 # Small head dims reuse the D = 64 lists (their tiles are smaller still). fp32 and fp64 dots run
 # on CUDA cores (no tf32), which need far more registers per tile: small tiles only (correctness
@@ -72,7 +74,6 @@ WIDE_CONFIGS = [(32, 32, 4, 2), (32, 32, 8, 2)]
 # One fixed config in the interpreter (it runs programs one at a time, in numpy: fewer, larger
 # tiles are faster), with BLOCK_M != BLOCK_N so the causal tile bookkeeping runs in its general form.
 INTERPRET_CONFIG = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
-DELTA_BLOCK_M = 64
 
 
 # ---------------------------------------------------------------- kernels
@@ -310,27 +311,6 @@ def _attention_fwd_kernel(
     tl.store(Stats + Tq, 1.0 / l_safe, mask=row_ok)
 
 
-@triton.jit
-def _attention_bwd_delta_kernel(
-    O, DO, Delta,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    H, Tq,
-    HEAD_D: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """delta_i = sum_d dO[i, d] * O[i, d], in fp32 (fp64 for fp64 inputs)."""
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_D)
-    row_ok = offs_m < Tq
-    o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od, Tq, True)
-    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, Tq, True)
-    delta = tl.sum(o.to(ACC) * do.to(ACC), 1)
-    tl.store(Delta + bh * Tq + offs_m, delta, mask=row_ok)
-
-
 # With S = sm_scale * Q K^T, optionally capped (C = softcap * tanh(S / softcap), masked entries
 # -inf), P = softmax(C) row-wise, O = P V, dO the output gradient and delta_i = rowsum(dO * O)_i
 # (which equals rowsum(P * dP)_i):
@@ -340,15 +320,18 @@ def _attention_bwd_delta_kernel(
 # for padding rows and rows that see no key, which makes their P exactly 0). With GQA a kv head's dK
 # and dV sum this over the query heads of its group, in one program, in a fixed order.
 @triton.jit
-def _load_stats(Stats, Delta, offs_m, Tq, CHECK: tl.constexpr):
-    """(m, 1/l, delta) of the queries offs_m (Stats: one head's [m; 1/l] rows of Tq); with CHECK,
-    queries past Tq read m = +inf, which makes their probabilities 0."""
+def _load_per_row(X, offs_m, Tq, other, CHECK: tl.constexpr):
+    """X[offs_m]; with CHECK, queries past Tq read `other`."""
     if CHECK:
-        ok = offs_m < Tq
-        return (tl.load(Stats + offs_m, mask=ok, other=float("inf")),
-                tl.load(Stats + Tq + offs_m, mask=ok, other=0.0),
-                tl.load(Delta + offs_m, mask=ok, other=0.0))
-    return tl.load(Stats + offs_m), tl.load(Stats + Tq + offs_m), tl.load(Delta + offs_m)
+        return tl.load(X + offs_m, mask=offs_m < Tq, other=other)
+    return tl.load(X + offs_m)
+
+
+@triton.jit
+def _load_stats(Stats, offs_m, Tq, CHECK: tl.constexpr):
+    """(m, 1/l) of the queries offs_m (Stats: one head's [m; 1/l] rows of Tq); with CHECK, queries
+    past Tq read m = +inf, which makes their probabilities 0."""
+    return _load_per_row(Stats, offs_m, Tq, float("inf"), CHECK), _load_per_row(Stats + Tq, offs_m, Tq, 0.0, CHECK)
 
 
 @triton.jit
@@ -394,7 +377,8 @@ def _attention_bwd_dkdv_tile(
     # on the masked tiles and when Tq is not a multiple of the tile.
     q = _load_rows(Q, offs_m, offs_d, stride_qm, stride_qd, Tq, MASKED or not EVEN_M)
     do = _load_rows(DO, offs_m, offs_d, stride_dom, stride_dod, Tq, MASKED or not EVEN_M)
-    m, rl, delta = _load_stats(Stats, Delta, offs_m, Tq, MASKED or not EVEN_M)
+    m, rl = _load_stats(Stats, offs_m, Tq, MASKED or not EVEN_M)
+    delta = _load_per_row(Delta, offs_m, Tq, 0.0, MASKED or not EVEN_M)
     x_t, c, t_t = _scores(_dot(k, tl.trans(q), IN_DTYPE, UPCAST, PREC), qk_scale, cap, SOFTCAP)
     p_t = tl.math.exp2(x_t * c - m[None, :]) * rl[None, :]
     if MASKED:
@@ -550,18 +534,20 @@ def _attention_bwd_dq_tiles(
 
 @triton.jit
 def _attention_bwd_dq_kernel(
-    Q, K, V, DO, Stats, Delta, DQ, Docs,
+    Q, K, V, DO, O, Stats, Delta, DQ, Docs,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_ob, stride_oh, stride_om, stride_od,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_docb, H, GROUP, Tq, Tk, qk_scale, sm_scale, cap, window,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DOCS: tl.constexpr,
     HEAD_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program per (query tile, batch, query head): dQ of BLOCK_M queries."""
+    """One program per (query tile, batch, query head): dQ of BLOCK_M queries, and their delta
+    (written to Delta for the dK/dV kernel, which runs after this one)."""
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -573,7 +559,11 @@ def _attention_bwd_dq_kernel(
     row_ok = offs_m < Tq
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Tq, True)
     do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, Tq, True)
-    m, rl, delta = _load_stats(Stats + bh * 2 * Tq, Delta + bh * Tq, offs_m, Tq, True)
+    m, rl = _load_stats(Stats + bh * 2 * Tq, offs_m, Tq, True)
+    # delta for this kernel and the dK/dV kernel after it, from the rows this program holds
+    o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od, Tq, True)
+    delta = tl.sum(o.to(ACC) * do.to(ACC), 1)
+    tl.store(Delta + bh * Tq + offs_m, delta, mask=row_ok)
     IN_DTYPE: tl.constexpr = Q.dtype.element_ty
     if HAS_DOCS:
         Docs += b * stride_docb
@@ -608,6 +598,8 @@ def heavy_features(kind, softcap=None, doc_ids=None, group=1):
     """Whether `kind`'s specialisation takes FEATURE_CONFIGS (see there)."""
     if kind == "fwd":
         return softcap is not None
+    if kind == "dq":
+        return doc_ids is not None
     return kind == "dkdv" and (softcap is not None or doc_ids is not None or group > 1)
 
 
@@ -733,9 +725,7 @@ def _attention_bwd(do, q, k, v, o, stats, causal, sm_scale, window, softcap, doc
     do = do.to(q.dtype)
     if _slice_span(do) >= 2**31:  # an upstream gradient with huge strides: 32-bit offsets need a copy
         do = do.contiguous()
-    delta = torch.empty((B, H, Tq), dtype=acc_torch_dtype(q.dtype), device=q.device)
-    _attention_bwd_delta_kernel[(triton.cdiv(Tq, DELTA_BLOCK_M), B * H)](
-        o, do, delta, *_strides(o, do), H, Tq, HEAD_D=D, ACC=acc_dtype(q.dtype), BLOCK_M=DELTA_BLOCK_M)
+    delta = torch.empty((B, H, Tq), dtype=acc_torch_dtype(q.dtype), device=q.device)  # written by the dQ kernel
     dq = _empty_bthd(B, H, Tq, D, q)
     dk = _empty_bthd(B, H_kv, Tk, D, k)
     dv = _empty_bthd(B, H_kv, Tk, D, v)
@@ -749,12 +739,12 @@ def _attention_bwd(do, q, k, v, o, stats, causal, sm_scale, window, softcap, doc
     heavy = heavy_features("dkdv", softcap, doc_ids, H // H_kv)
     configs = [INTERPRET_CONFIG["dkdv"]] if interpreting() else cuda_configs("dkdv", D, q.dtype, heavy)
     even_m = all(Tq % bm == 0 for bm, *_ in configs)
+    _launch(_attention_bwd_dq_kernel, "dq", lambda bm, bn: (triton.cdiv(Tq, bm), B * H),
+            (q, k, v, do, o, stats, delta, dq, docs, *_strides(q, k, v, do, o, dq), *scalars, dq_scale, *rest),
+            options, Tq, Tk, heavy_features("dq", doc_ids=doc_ids))
     _launch(_attention_bwd_dkdv_kernel, "dkdv", lambda bm, bn: (triton.cdiv(Tk, bn), B * H_kv),
             (q, k, v, do, stats, delta, dk, dv, docs, *_strides(q, k, v, do, dk), *scalars, sm_scale, *rest),
             dict(options, EVEN_M=even_m), Tq, Tk, heavy)
-    _launch(_attention_bwd_dq_kernel, "dq", lambda bm, bn: (triton.cdiv(Tq, bm), B * H),
-            (q, k, v, do, stats, delta, dq, docs, *_strides(q, k, v, do, dq), *scalars, dq_scale, *rest),
-            options, Tq, Tk)
     return dq, dk, dv
 
 

@@ -216,18 +216,10 @@ def _attention_bwd_dq(at, D, dtype, features="plain"):
     p = "*" + dtype
     return _attention_launch(
         at, "dq", D, dtype,
-        (("Q", p), ("K", p), ("V", p), ("DO", p), ("Stats", "*fp32"), ("Delta", "*fp32"), ("DQ", p)),
-        (("stride_q", "in"), ("stride_k", "in"), ("stride_v", "in"), ("stride_do", "out"), ("stride_dq", "out")),
+        (("Q", p), ("K", p), ("V", p), ("DO", p), ("O", p), ("Stats", "*fp32"), ("Delta", "*fp32"), ("DQ", p)),
+        (("stride_q", "in"), ("stride_k", "in"), ("stride_v", "in"), ("stride_do", "out"), ("stride_o", "out"),
+         ("stride_dq", "out")),
         features)
-
-
-def _attention_bwd_delta(at, D, dtype):
-    p = "*" + dtype
-    out = _attention_strides(D)[1]
-    args = dict(O=p, DO=p, Delta="*fp32", H=ATTN_H, Tq=ATTN_T)
-    for prefix in ("stride_o", "stride_do"):
-        args.update(zip((f"{prefix}b", f"{prefix}h", f"{prefix}m", f"{prefix}d"), out))
-    return Launch(args=args, constexprs=dict(HEAD_D=D, ACC=_tl().float32, BLOCK_M=at.DELTA_BLOCK_M), num_warps=4)
 
 
 def _mlp_shapes(kind, C):
@@ -343,7 +335,6 @@ def kernel_table():
         Kernel("cross_entropy", "_cross_entropy_fwd_kernel", _cross_entropy_fwd, ce_configs),
         Kernel("cross_entropy", "_cross_entropy_bwd_kernel", _cross_entropy_bwd, ce_configs),
         Kernel("attention", "_attention_fwd_kernel", _attention_fwd, attn_feature_configs, uses_mma=True),
-        Kernel("attention", "_attention_bwd_delta_kernel", _attention_bwd_delta, attn_configs),
         Kernel("attention", "_attention_bwd_dkdv_kernel", _attention_bwd_dkdv, attn_feature_configs, uses_mma=True),
         Kernel("attention", "_attention_bwd_dq_kernel", _attention_bwd_dq, attn_feature_configs, uses_mma=True),
         Kernel("mlp", "_mlp_fwd_kernel", _mlp_fwd, _mlp_configs(("fc", "proj", "dw")), uses_mma=True),
@@ -436,12 +427,13 @@ def attention_traffic(B, H, T, D):
     kv_tiles = B * H * _causal_tiles(T, bn, bm)  # walks query blocks (BLOCK_M) for each key block (BLOCK_N)
     bm2, bn2 = at.cuda_configs("dq", D)[0][:2]
     q_tiles = B * H * _causal_tiles(T, bm2, bn2)
-    lse_delta = 2 * B * H * T * FP32
-    bwd = _op("attention bwd", 3,
-              2 * io + lse_delta  # delta: o and dO in, delta out
-              + 4 * io + kv_tiles * 2 * bm * D * BF16 + 2 * io  # dkdv: k, v in, q and dO per tile, dk, dv out
-              + 2 * io + q_tiles * 2 * bn2 * D * BF16 + io + lse_delta,  # dq: q, dO in, k and v per tile, dq out
-              8 * io + lse_delta,
+    stats, delta = 2 * B * H * T * FP32, B * H * T * FP32
+    bwd = _op("attention bwd", 2,
+              # dq: q, dO, o, m and 1/l in, k and v per tile, delta and dq out
+              3 * io + stats + q_tiles * 2 * bn2 * D * BF16 + delta + io
+              # dkdv: k, v, m, 1/l and delta in, q and dO per tile, dk and dv out
+              + 2 * io + stats + delta + kv_tiles * 2 * bm * D * BF16 + 2 * io,
+              8 * io + stats,
               kv_tiles * 8 * bm * bn * D + q_tiles * 6 * bm2 * bn2 * D, pairs * 10 * D)
     return [fwd, bwd]
 

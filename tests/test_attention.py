@@ -17,8 +17,7 @@ at_module = importlib.import_module("tritongpt.kernels.attention")
 ON_CUDA = torch.cuda.is_available()
 # bf16 is right in the interpreter too (its tiles are upcast to fp32 before tl.dot there).
 DTYPES = dtypes_for(torch.device("cuda" if ON_CUDA else "cpu"), bf16_in_interpreter=True)
-KERNELS = ("_attention_fwd_kernel", "_attention_bwd_delta_kernel", "_attention_bwd_dkdv_kernel",
-           "_attention_bwd_dq_kernel")
+KERNELS = ("_attention_fwd_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel")
 
 
 def _qkv(B, H, Tq, Tk, D, dtype, device):
@@ -191,6 +190,26 @@ def test_backward_is_deterministic(device):
     for later in grads[1:]:
         for g0, g1 in zip(grads[0], later):
             assert torch.equal(g0, g1)
+
+
+@pytest.mark.parametrize("doc_ids", [False, True], ids=["plain", "docs"])
+def test_backward_is_two_launches_dq_first(doc_ids, device, monkeypatch):
+    """The dQ kernel writes delta = rowsum(dO * O) from the rows it loads anyway and the dK/dV
+    kernel reads it, so the backward is two launches in that order (no separate delta pass), and
+    dQ with document ids takes its feature tiles. The gradients are checked against the reference
+    by the other tests; this one pins the plan."""
+    launches = []
+    real = at_module._launch
+
+    def spy(kernel, kind, grid, args, constexprs, Tq, Tk, heavy=False):
+        launches.append((kind, heavy))
+        return real(kernel, kind, grid, args, constexprs, Tq, Tk, heavy)
+
+    monkeypatch.setattr(at_module, "_launch", spy)
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 40, 40, 16, torch.float16, device))
+    docs = torch.tensor([[0] * 15 + [1] * 25], device=device) if doc_ids else None
+    flash_attention(q, k, v, causal=True, doc_ids=docs).float().sum().backward()
+    assert launches == [("fwd", False), ("dq", doc_ids), ("dkdv", doc_ids)]
 
 
 def test_inputs_are_not_modified(device):
