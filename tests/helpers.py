@@ -30,7 +30,8 @@ def _errors(x, oracle):
 def assert_close_2x(actual, baseline, oracle, name, factor=2.0, slack=None, ulps=1.0):
     """Assert the kernel result `actual` is within `factor` x PyTorch's own error, plus a slack of
     `ulps` units in the last place of actual's dtype: at the oracle's largest magnitude for the
-    max-abs error (unless `slack` gives that absolute slack), relative for the relative RMS error.
+    max-abs error (or `slack`, an absolute slack, where that is larger), relative for the relative
+    RMS error.
 
     actual:   the kernel's output or gradient
     baseline: PyTorch's own op on the same inputs in the same dtype, or a list of PyTorch
@@ -51,9 +52,11 @@ def assert_close_2x(actual, baseline, oracle, name, factor=2.0, slack=None, ulps
     k_abs, k_rel = _errors(actual, oracle)
     t_abs, t_rel = (max(e) for e in zip(*(_errors(b[finite], oracle) for b in baselines)))
     scale = oracle.abs().max().item() if oracle.numel() else 0.0
-    if slack is None:
-        slack = ulps * torch.finfo(actual.dtype).eps * max(scale, 1e-30)
     rel_slack = ulps * torch.finfo(actual.dtype).eps
+    if slack:  # the absolute slack, relative to the oracle's RMS, for the relative error
+        rms = oracle.pow(2).mean().sqrt().item() if oracle.numel() else 0.0
+        rel_slack = max(rel_slack, slack / rms if rms > 0 else math.inf)
+    slack = max(ulps * torch.finfo(actual.dtype).eps * max(scale, 1e-30), slack or 0.0)
     msg = (f"{name} ({actual.dtype}): kernel max-abs {k_abs:.3e} rel-rms {k_rel:.3e}; "
            f"PyTorch max-abs {t_abs:.3e} rel-rms {t_rel:.3e}; allowed {factor}x + "
            f"{slack:.1e} abs / {rel_slack:.1e} rel")
@@ -206,10 +209,11 @@ def _same(a, b):
         and torch.equal(torch.isnan(a), torch.isnan(b))
 
 
-def _run_views(fn, args, dtype, dy, grads, kwargs, strict=False):
+def _run_views(fn, args, dtype, dy, grads, kwargs, strict=False, rounded_to=None):
     """fn(*views) and its backward with dy; args are (base, view_fn) pairs (base None: the
     argument is None) or plain values. Float bases become leaves of `dtype` (requiring grad where
-    `grads` says so); returns [out] + the views' gradients (None where none was asked): what the op
+    `grads` says so), and dy is cast to it; with rounded_to, bases and dy are first rounded to that
+    dtype (the oracle sees the inputs the op under test sees); returns [out] + the views' gradients (None where none was asked): what the op
     itself returns for each argument, before autograd sums a stride-0 view's gradient into its
     base (that fp32 sum is autograd's, and ill-conditioned sums of it would only compare rounding).
     strict: also assert that no input (base or plain tensor) is modified and that a second
@@ -222,7 +226,7 @@ def _run_views(fn, args, dtype, dy, grads, kwargs, strict=False):
             continue
         base, view = arg
         if base is not None and base.is_floating_point():
-            base = leaf(base.to(dtype), want_grad)
+            base = leaf((base if rounded_to is None else base.to(rounded_to)).to(dtype), want_grad)
         t = None if base is None else view(base)
         if want_grad and t is not None:
             t.retain_grad()
@@ -232,6 +236,7 @@ def _run_views(fn, args, dtype, dy, grads, kwargs, strict=False):
     before = [t.detach().clone() for t in inputs] if strict else []
     out = fn(*call, **kwargs)
     dy = dy(out) if callable(dy) else dy
+    dy = dy if rounded_to is None else dy.to(rounded_to)
     wanted = [t for t in views if t is not None]
     if out.requires_grad:
         out.backward(dy.to(out.dtype), retain_graph=strict)
@@ -264,8 +269,17 @@ def dot_ulps(dtype, dot_length):
     return math.sqrt(max(dot_length, 1))
 
 
+def dot_bound_slack(a, b, dtype):
+    """u * max(|a| @ |b|), u the unit roundoff of dtype: the first-order bound on the error of a @ b
+    when one operand is rounded to dtype before the product (as a tensor-core matmul takes it).
+    It is the error scale where the exact product cancels to 0, which the oracle's own magnitude
+    (the default slack's scale) does not see."""
+    return torch.finfo(dtype).eps / 2 * (a.double().abs() @ b.double().abs()).max().item() if a.numel() and b.numel() \
+        else 0.0
+
+
 def assert_differential(kernel, reference, args, dtype, dy, grads, names, strict=False, dot_length=None,
-                        also=(), **kwargs):
+                        also=(), slacks=None, **kwargs):
     """The 2x rule for the output and every requested gradient of kernel(*views), against
     reference in float64 (the oracle) and reference in `dtype` (PyTorch's own error).
     args: (base, view_fn) pairs, see viewer(), or plain values (targets, None); grads: one bool per
@@ -273,14 +287,18 @@ def assert_differential(kernel, reference, args, dtype, dy, grads, names, strict
     output giving it. Gradients are compared on the views the op receives. strict: see _run_views.
     dot_length: the length of the fp32 dot products the results are made of (see dot_ulps).
     also: other PyTorch implementations of the same maths in another algorithm's rounding (the
-    kernel's own, tests/fa2.py): PyTorch's error is then the largest of them and reference's."""
-    oracle = _run_views(reference, args, torch.float64, dy, grads, kwargs)
+    kernel's own, tests/fa2.py): PyTorch's error is then the largest of them and reference's.
+    slacks: {name: absolute slack} for results whose exact value may cancel to 0 (see
+    dot_bound_slack)."""
+    # the oracle starts from the inputs rounded to `dtype`: what input rounding costs is no one's error
+    oracle = _run_views(reference, args, torch.float64, dy, grads, kwargs, rounded_to=dtype)
     baselines = [_run_views(fn, args, dtype, dy, grads, kwargs) for fn in (reference, *also)]
     actual = _run_views(kernel, args, dtype, dy, grads, kwargs, strict=strict)
     for i, (name, a, o) in enumerate(zip(names, actual, oracle)):
         if o is not None:
             assert a is not None, f"{name}: no gradient where the reference has one"
-            assert_close_2x(a, [b[i] for b in baselines], o, name, ulps=dot_ulps(dtype, dot_length))
+            assert_close_2x(a, [b[i] for b in baselines], o, name, ulps=dot_ulps(dtype, dot_length),
+                            slack=(slacks or {}).get(name))
     return actual
 
 

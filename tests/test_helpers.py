@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close_2x, dot_ulps
+from helpers import assert_close_2x, dot_bound_slack, dot_ulps
 
 
 def test_a_failing_pytorch_is_no_bar():
@@ -30,6 +30,24 @@ def test_ulps_set_both_slacks():
     with pytest.raises(AssertionError):
         assert_close_2x(off, oracle.float(), oracle, "x")
     assert math.isclose(dot_ulps(torch.float32, 16), 4.0)
+
+
+def test_an_absolute_slack_covers_a_cancelled_result():
+    """A result whose exact value is 0 (an oracle of 1e-18) is pure rounding noise: with the dot's
+    error bound as slack a noise below it passes, though 2x PyTorch's smaller noise does not
+    cover it, and an error above the bound still fails, in max-abs and relative RMS alike."""
+    a = torch.tensor([[0.5, -0.25, -0.25]], dtype=torch.float64)  # rows of dlogits: sum 0
+    b = torch.ones(3, 2, dtype=torch.float64)  # every row alike: a @ b = 0 exactly
+    slack = dot_bound_slack(a, b, torch.bfloat16)
+    assert slack == pytest.approx(torch.finfo(torch.bfloat16).eps / 2 * 1.0)
+    oracle = torch.full((1, 2), 1e-18, dtype=torch.float64)
+    pytorch = torch.full((1, 2), 1e-4).to(torch.bfloat16)
+    noisy = torch.full((1, 2), 1e-3).to(torch.bfloat16)
+    with pytest.raises(AssertionError):
+        assert_close_2x(noisy, pytorch, oracle, "dx")
+    assert_close_2x(noisy, pytorch, oracle, "dx", slack=slack)
+    with pytest.raises(AssertionError):
+        assert_close_2x(noisy * 8, pytorch, oracle, "dx", slack=slack)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's cast (CPU runs)")
@@ -80,6 +98,32 @@ def test_fa2_baseline_is_attention(causal, Tq):
     for ours, sdpa, want in zip(run(fa2.flash_attention, torch.float32), run(reference.flash_attention, torch.float32),
                                 oracle):
         assert (ours - want).abs().max() <= 4 * (sdpa - want).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_fused_mlp_baseline_is_the_mlp(approximate):
+    """tests/fused_mlp.py, a bar the property suite holds gelu_mlp to, computes the MLP: exact in
+    fp64, and in bf16 about as close to the oracle as eager (a broken one would loosen the bar)."""
+    import fused_mlp
+
+    from tritongpt.kernels import reference
+
+    torch.manual_seed(0)
+    x, w1, b1, w2, b2 = (torch.randn(*s, dtype=torch.float64) / 4 for s in ((33, 16), (40, 16), (40,), (8, 40), (8,)))
+    dy = torch.randn(33, 8, dtype=torch.float64)
+
+    def run(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, w1, b1, w2, b2)]
+        out = fn(*leaves, approximate=approximate)
+        out.backward(dy.to(dtype))
+        return [out.detach().double()] + [t.grad.double() for t in leaves]
+
+    oracle = run(reference.gelu_mlp, torch.float64)
+    for got, want in zip(run(fused_mlp.gelu_mlp, torch.float64), oracle):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for ours, eager, want in zip(run(fused_mlp.gelu_mlp, torch.bfloat16), run(reference.gelu_mlp, torch.bfloat16),
+                                 oracle):
+        assert (ours - want).abs().max() <= 4 * (eager - want).abs().max()
 
 
 def test_leaf_keeps_the_layout_of_its_input():

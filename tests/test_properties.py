@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 import fa2
-from helpers import LAYOUTS, assert_differential, dtypes_for, viewer
+import fused_mlp
+from helpers import LAYOUTS, assert_differential, dot_bound_slack, dtypes_for, viewer
 
 from tritongpt.kernels import cross_entropy, flash_attention, gelu_mlp, layer_norm, linear_cross_entropy, reference
 
@@ -79,9 +80,9 @@ def shape_of(arg):
     return None if base is None else tuple(view(base).shape)
 
 
-def check(kernel, ref, case, names, dot_length=None, also=()):
+def check(kernel, ref, case, names, dot_length=None, also=(), slacks=None):
     assert_differential(kernel, ref, case["args"], case["dtype"], case["dy"], case["grads"], names,
-                        strict=True, dot_length=dot_length, also=also, **case["options"])
+                        strict=True, dot_length=dot_length, also=also, slacks=slacks, **case["options"])
 
 
 # ---------------------------------------------------------------- one strategy per op
@@ -157,7 +158,10 @@ def linear_cross_entropy_cases(draw):
 
 @given(layer_norm_cases())
 def test_layer_norm(case):
-    check(layer_norm, reference.layer_norm, case, ("y", "dx", "dweight", "dbias"))
+    # fp32 statistics are sums over C, dweight and dbias sums over the rows (measured: a 3 x 3 fp32
+    # draw, dweight 1.9 ulps from the oracle, PyTorch's 0.35)
+    *lead, C = shape_of(case["args"][0])
+    check(layer_norm, reference.layer_norm, case, ("y", "dx", "dweight", "dbias"), dot_length=max(C, math.prod(lead)))
 
 
 @given(attention_cases())
@@ -174,13 +178,29 @@ def test_flash_attention(case):
 def test_gelu_mlp(case):
     x, fc_weight, _, proj_weight, _ = (shape_of(arg) for arg in case["args"])
     rows = math.prod(x[:-1])  # the weight gradients sum over the rows
+    # PyTorch's error: the worse of eager and the kernel's arithmetic in PyTorch (tests/fused_mlp.py)
     check(gelu_mlp, reference.gelu_mlp, case, ("y", "dx", "dfc_weight", "dfc_bias", "dproj_weight", "dproj_bias"),
-          dot_length=max(x[-1], fc_weight[0], proj_weight[0], rows))
+          dot_length=max(x[-1], fc_weight[0], proj_weight[0], rows), also=(fused_mlp.gelu_mlp,))
 
 
 @given(cross_entropy_cases())
 def test_cross_entropy(case):
     check(cross_entropy, reference.cross_entropy, case, ("loss", "dlogits"))
+
+
+def _linear_ce_slacks(case):
+    """dot_bound_slack for dx = dlogits @ W and dW = dlogits^T x, dlogits from the float64 oracle:
+    where the exact dx is 0 by cancellation (a stride-0 weight: all rows alike, so dlogits sum
+    to 0 against them) the kernel and PyTorch both return only the roundings of dlogits to the
+    dtype, whose sum is chance (a bf16 draw: eager 2.1e-4, the kernel 4.8e-4, this bound 1.5e-3)."""
+    x, weight, targets, bias = (None if base is None else view(base.to(case["dtype"]).double()
+                                                                 if base.is_floating_point() else base)
+                                for base, view in case["args"])
+    logits = torch.nn.functional.linear(x, weight, bias).requires_grad_()
+    loss = reference.cross_entropy(logits, targets, **case["options"])
+    loss.backward(case["dy"](loss).to(case["dtype"]).double())
+    dtype = case["dtype"]
+    return {"dx": dot_bound_slack(logits.grad, weight, dtype), "dweight": dot_bound_slack(logits.grad.t(), x, dtype)}
 
 
 @given(linear_cross_entropy_cases())
@@ -191,6 +211,6 @@ def test_linear_cross_entropy(case):
     try:
         N, C = shape_of(case["args"][0])
         check(linear_cross_entropy, reference.linear_cross_entropy, case,
-              ("loss", "dx", "dweight", "dtargets", "dbias"), dot_length=max(N, C))
+              ("loss", "dx", "dweight", "dtargets", "dbias"), dot_length=max(N, C), slacks=_linear_ce_slacks(case))
     finally:
         ce_module.CHUNK_BYTES = saved
