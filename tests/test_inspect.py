@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import triton
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,7 +22,14 @@ KNOWN_SPILLS = {
 }
 KNOWN_SPILLS[("_attention_bwd_dkdv_kernel", "T=1024 D=128 causal bf16")] = (
     "D = 128 (not GPT-2's head dim) on sm_80 only: 8 stack bytes since the backward loads two saved "
-    "statistics per row (m and 1/l) instead of one logsumexp")
+    "statistics per row (m and 1/l) instead of one logsumexp (16 under Triton 3.6)")
+if triton.__version__.startswith("3.6."):
+    # Triton 3.6's register allocation for sm_80 (3.9 compiles both without a stack): the dK/dV
+    # specialisations off the GPT-2 path, at 255 registers
+    KNOWN_SPILLS[("_attention_bwd_dkdv_kernel", "T=1024 D=64 causal gqa bf16")] = \
+        "GQA's loop over the group, sm_80 under Triton 3.6 only: 40 stack bytes"
+    KNOWN_SPILLS[("_attention_bwd_dkdv_kernel", "T=1024 D=64 causal window bf16")] = \
+        "a sliding window, sm_80 under Triton 3.6 only: 72 stack bytes"
 
 
 @pytest.fixture(scope="module")
