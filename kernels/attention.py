@@ -280,19 +280,17 @@ def _attention_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=ACC)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
     lo, mid_lo, mid_hi, hi = _key_range(m0, Tq, Tk, window, CAUSAL, HAS_WINDOW, HAS_DOCS, BLOCK_M, BLOCK_N)
+    kb, kh = b.to(tl.int32), (h // GROUP).to(tl.int32)  # the descriptors' batch and kv-head coordinates
     acc, l_i, m_i = _attention_fwd_tiles(
-        acc, l_i, m_i, q, K, V, Kd, Vd, b.to(tl.int32), (h // GROUP).to(tl.int32), Docs, stride_kn, stride_kd, stride_vn, stride_vd, offs_m,
-        offs_d, qdoc,
+        acc, l_i, m_i, q, K, V, Kd, Vd, kb, kh, Docs, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, qdoc,
         lo, mid_lo, Tq, Tk, qk_scale, cap, window,
         True, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, TMA, BLOCK_N)
     acc, l_i, m_i = _attention_fwd_tiles(
-        acc, l_i, m_i, q, K, V, Kd, Vd, b.to(tl.int32), (h // GROUP).to(tl.int32), Docs, stride_kn, stride_kd, stride_vn, stride_vd, offs_m,
-        offs_d, qdoc,
+        acc, l_i, m_i, q, K, V, Kd, Vd, kb, kh, Docs, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, qdoc,
         mid_lo, mid_hi, Tq, Tk, qk_scale, cap, window,
         False, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, TMA, BLOCK_N)
     acc, l_i, m_i = _attention_fwd_tiles(
-        acc, l_i, m_i, q, K, V, Kd, Vd, b.to(tl.int32), (h // GROUP).to(tl.int32), Docs, stride_kn, stride_kd, stride_vn, stride_vd, offs_m,
-        offs_d, qdoc,
+        acc, l_i, m_i, q, K, V, Kd, Vd, kb, kh, Docs, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d, qdoc,
         mid_hi, hi, Tq, Tk, qk_scale, cap, window,
         True, CAUSAL, HAS_WINDOW, SOFTCAP, HAS_DOCS, IN_DTYPE, UPCAST, PREC, TMA, BLOCK_N)
 

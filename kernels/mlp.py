@@ -116,9 +116,10 @@ def autotune_configs(epilogue=False):
     return gpu_configs(epilogue)
 
 
-def _triton_configs(configs):
-    return [triton.Config({k: c[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")},
-                          num_warps=c["num_warps"], num_stages=c["num_stages"])
+def _triton_configs(configs, keys=("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), pre_hook=None):
+    """triton.Config objects of the dicts in `configs`: `keys` become the kernel's constexprs."""
+    return [triton.Config({k: c[k] for k in keys}, num_warps=c["num_warps"], num_stages=c["num_stages"],
+                          pre_hook=pre_hook)
             for c in configs]
 
 
@@ -280,8 +281,9 @@ def _mlp_bwd_kernel(
 def _tma_dot_tile(Ad, Bd, off_m, off_n, K, B_KN: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc = A[off_m:, :] @ B[:, off_n:] over all of K, both tiles through TMA: Ad is an (M, K)
-    descriptor; Bd a (K, N) one (B_KN: W2 for the backward) or an (N, K) one (B = W1^T for fc). The copy engine fills
-    rows and columns past the tensors' ends with zeros, so edge tiles need no masks."""
+    descriptor; Bd a (K, N) one (B_KN: W2 for the backward) or an (N, K) one (B = W1^T for fc).
+    The copy engine fills rows and columns past the tensors' ends with zeros, so edge tiles need
+    no masks."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for k in range(0, K, BLOCK_K):
         a = Ad.load([off_m, k])
@@ -372,9 +374,8 @@ def _set_tma_blocks(nargs):
             nargs[name].block_shape = [bm, bn]
 
 
-_TMA_CONFIGS = [triton.Config({k: c[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "PROGRAMS_PER_SM")},
-                              num_warps=c["num_warps"], num_stages=c["num_stages"], pre_hook=_set_tma_blocks)
-                for c in tma_autotune_configs()]
+_TMA_CONFIGS = _triton_configs(tma_autotune_configs(), ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "PROGRAMS_PER_SM"),
+                               _set_tma_blocks)
 _mlp_fc_tma_tuned = triton.autotune(_TMA_CONFIGS, key=["M_KEY", "N", "K", "STORE_PRE", "B_KN"])(
     _mlp_epilogue_tma_kernel)
 _mlp_bwd_tma_tuned = triton.autotune(_TMA_CONFIGS, key=["M_KEY", "N", "K", "NEED_DB", "B_KN"],

@@ -5,9 +5,10 @@ again, and in the backward rounds dg = dy W2 and dh to the dtype too. kernels.ge
 GELU to its accumulator (an fp32 dot; the GELU in fp64 for fp32 inputs) and rounds g once; it
 saves h in the dtype, keeps dg in fp32, forms dh = dg * gelu'(saved h) and rounds it once before
 its two matmuls (dx = dh W1, dW1 = dh^T x). This function does the same roundings at the same
-points, with every matmul accumulating in fp32 and rounded once. Both algorithms are the same maths; where a result cancels (y = g W2^T over the hidden
-units, dW1 = dh^T x over rows that are all alike) the roundings of g or dh decide its error, and
-whose happen to cancel is chance (a bf16 draw: eager 6e-5, g correctly rounded 4.1e-4).
+points, with every matmul accumulating in fp32 and rounded once. Both algorithms are the same
+maths; where a result cancels (y = g W2^T over the hidden units, dW1 = dh^T x over rows that are
+all alike) the roundings of g or dh decide its error, and whose happen to cancel is chance (a
+bf16 draw: eager 6e-5, g correctly rounded 4.1e-4).
 tests/test_properties.py holds the kernel to 2x the worse of eager and this function."""
 import torch
 import torch.nn.functional as F

@@ -213,8 +213,8 @@ def _run_views(fn, args, dtype, dy, grads, kwargs, strict=False, rounded_to=None
     """fn(*views) and its backward with dy; args are (base, view_fn) pairs (base None: the
     argument is None) or plain values. Float bases become leaves of `dtype` (requiring grad where
     `grads` says so), and dy is cast to it; with rounded_to, bases and dy are first rounded to that
-    dtype (the oracle sees the inputs the op under test sees); returns [out] + the views' gradients (None where none was asked): what the op
-    itself returns for each argument, before autograd sums a stride-0 view's gradient into its
+    dtype (the oracle sees the inputs the op under test sees). Returns [out] + the views' gradients
+    (None where none was asked): what the op itself returns for each argument, before autograd sums a stride-0 view's gradient into its
     base (that fp32 sum is autograd's, and ill-conditioned sums of it would only compare rounding).
     strict: also assert that no input (base or plain tensor) is modified and that a second
     backward pass over the same graph gives bitwise the same gradients."""

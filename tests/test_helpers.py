@@ -75,6 +75,14 @@ def test_the_suite_rounds_bf16_like_a_gpu():
     assert not np.array_equal(np.asarray(truncated).view(np.uint16), exact), "Triton now rounds bf16 itself: drop the patch"
 
 
+def _forward_backward(fn, inputs, dy, dtype, **kwargs):
+    """[out] + every input's gradient, in float64, of fn on the inputs cast to dtype (fresh leaves)."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    out = fn(*leaves, **kwargs)
+    out.backward(dy.to(dtype))
+    return [out.detach().double()] + [t.grad.double() for t in leaves]
+
+
 @pytest.mark.parametrize("causal, Tq", [(True, 7), (True, 3), (False, 9)])
 def test_fa2_baseline_is_attention(causal, Tq):
     """tests/fa2.py, a bar the property suite holds attention to, computes attention: exact in
@@ -83,14 +91,11 @@ def test_fa2_baseline_is_attention(causal, Tq):
 
     from tritongpt.kernels import reference
 
-    q, k, v = (torch.randn(2, 3, T, 16, dtype=torch.float64) for T in (Tq, 7, 7))
+    inputs = [torch.randn(2, 3, T, 16, dtype=torch.float64) for T in (Tq, 7, 7)]
     dy = torch.randn(2, 3, Tq, 16, dtype=torch.float64)
 
     def run(fn, dtype):
-        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        out = fn(*leaves, causal=causal, sm_scale=0.3)
-        out.backward(dy.to(dtype))
-        return [out.detach().double()] + [t.grad.double() for t in leaves]
+        return _forward_backward(fn, inputs, dy, dtype, causal=causal, sm_scale=0.3)
 
     oracle = run(reference.flash_attention, torch.float64)
     for got, want in zip(run(fa2.flash_attention, torch.float64), oracle):
@@ -109,14 +114,11 @@ def test_fused_mlp_baseline_is_the_mlp(approximate):
     from tritongpt.kernels import reference
 
     torch.manual_seed(0)
-    x, w1, b1, w2, b2 = (torch.randn(*s, dtype=torch.float64) / 4 for s in ((33, 16), (40, 16), (40,), (8, 40), (8,)))
+    inputs = [torch.randn(*s, dtype=torch.float64) / 4 for s in ((33, 16), (40, 16), (40,), (8, 40), (8,))]
     dy = torch.randn(33, 8, dtype=torch.float64)
 
     def run(fn, dtype):
-        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, w1, b1, w2, b2)]
-        out = fn(*leaves, approximate=approximate)
-        out.backward(dy.to(dtype))
-        return [out.detach().double()] + [t.grad.double() for t in leaves]
+        return _forward_backward(fn, inputs, dy, dtype, approximate=approximate)
 
     oracle = run(reference.gelu_mlp, torch.float64)
     for got, want in zip(run(fused_mlp.gelu_mlp, torch.float64), oracle):
